@@ -1,0 +1,163 @@
+"""``zr <command>``: parse arguments and dispatch through one explicit table.
+
+Recipe commands take ``--config FILE`` followed by ``key.sub=value`` overrides; the recipe modules
+are imported only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def _import(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from the last checkpoint in the output folder"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def recipe(config_cls: str, function: str) -> Callable[[argparse.Namespace], int | None]:
+    """A command that builds ``config_cls`` from --config + overrides and calls ``function(cfg)``."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        from zr_diffusion.config import load_config
+
+        cls = _import(config_cls)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", False):
+            overrides.append("resume=true")
+        cfg = load_config(cls, args.config, overrides)
+        _import(function)(cfg)
+        return 0
+
+    return run
+
+
+# ---- zr score ------------------------------------------------------------------------------------
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="reward model folder or hub id (a Qwen-VL family checkpoint)"
+    )
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument("--prompt", required=True, help="the text prompt the image(s) were generated for")
+    p.add_argument("--dimensions", nargs="+", default=None, help="rubric dimensions (default: all four)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, default=None, help="dimension weights for the aggregate"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the folder")
+
+
+def _score(args: argparse.Namespace) -> int:
+    import torch
+
+    from zr_diffusion.data import load_image
+    from zr_diffusion.reward.model import ZRewardModel
+
+    for f in args.image:
+        if not os.path.isfile(f):
+            raise SystemExit(f"zr score: image file {f} does not exist")
+    model = ZRewardModel.from_pretrained(
+        args.model, dimensions=args.dimensions, weights=args.weights, trust_remote_code=args.trust_remote_code
+    )
+    results = []
+    for f in args.image:
+        image = load_image(f).unsqueeze(0)  # [1, 3, H, W]
+        with torch.no_grad():
+            out = model(image, [args.prompt])
+        dims = {}
+        for d, name in enumerate(model.dimensions):
+            dims[name] = {
+                "expected_score": round(float(out.mu[0, d]), 4),
+                "distribution": {
+                    f"{b:g}": round(float(p), 4) for b, p in zip(model.grid.bins, out.probs[0, d])
+                },
+            }
+        results.append(
+            {"image": f, "prompt": args.prompt, "reward": round(float(out.reward[0]), 4), "dimensions": dims}
+        )
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return 0
+    for r in results:
+        print(f"{r['image']}  prompt: {r['prompt']!r}  reward: {r['reward']:.3f}")
+        bins = list(next(iter(r["dimensions"].values()))["distribution"])
+        print(f"  {'dimension':<14} {'μ':>6}  " + " ".join(f"{b:>5}" for b in bins))
+        for name, d in r["dimensions"].items():
+            probs = " ".join(f"{p:5.3f}" for p in d["distribution"].values())
+            print(f"  {name:<14} {d['expected_score']:6.3f}  {probs}")
+    return 0
+
+
+# ---- zr make-tiny --------------------------------------------------------------------------------
+
+
+def _make_tiny_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder to write the tiny model and processor to")
+    p.add_argument("--family", default="qwen3_5", help="qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from zr_diffusion.vlm.tiny import make_tiny_vlm
+
+    path = make_tiny_vlm(args.out_dir, family=args.family, seed=args.seed)
+    print(f"wrote a tiny {args.family} reward model (random weights) to {path}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "score": Command("score images with a reward model, per rubric dimension", _score_args, _score),
+    "make-tiny": Command("write a tiny offline VLM to try the commands on", _make_tiny_args, _make_tiny),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zr", description="zr-diffusion: Z-Reward training and reward-gradient t2i tuning"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from zr_diffusion.config import ConfigError
+    from zr_diffusion.data import DataError
+
+    try:
+        return int(args._run(args) or 0)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("ZR_DEBUG"):
+            raise
+        print(f"zr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
