@@ -127,9 +127,26 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gsb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--answers", required=True, help="answers JSON downloaded from the review page")
+    p.add_argument("--key", required=True, help="key JSON written beside the review page's folder")
+    p.add_argument("--label-a", default="tuned", help="name of model A in the table")
+    p.add_argument("--label-b", default="baseline", help="name of model B in the table")
+
+
+def lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
+    """A command whose implementation lives in ``module:function`` and is imported when it runs."""
+    return lambda args: _import(target)(args)
+
+
 COMMANDS: dict[str, Command] = {
     "score": Command("score images with a reward model, per rubric dimension", _score_args, _score),
     "make-tiny": Command("write a tiny offline VLM to try the commands on", _make_tiny_args, _make_tiny),
+    "gsb": Command(
+        "turn a person's answers from the review page into GSB",
+        _gsb_args,
+        lazy("zr_diffusion.pipelines.gsb:cli_run"),
+    ),
 }
 
 

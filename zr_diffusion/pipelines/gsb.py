@@ -330,13 +330,6 @@ def gsb_from_answers(answers_path: str | Path, key_path: str | Path) -> GSBResul
 # ---------------------------------------------------------------- `zr gsb` (wired in cli.py's table)
 
 
-def cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--answers", required=True, help="answers JSON downloaded from the review page")
-    p.add_argument("--key", required=True, help="key JSON written beside the review page's folder")
-    p.add_argument("--label-a", default="tuned", help="name of model A in the table")
-    p.add_argument("--label-b", default="baseline", help="name of model B in the table")
-
-
 def cli_run(args: argparse.Namespace) -> int:
     result = gsb_from_answers(args.answers, args.key)
     print(render_gsb_markdown(result, args.label_a, args.label_b), end="")
