@@ -1,0 +1,202 @@
+"""Adapters on tiny pipelines of the real diffusers classes, built offline (one per family).
+
+Per family: the adapter's sampling reproduces the pipeline's own ``__call__``; a reward-gradient step
+moves every LoRA weight and no base weight; a saved LoRA loads into a fresh pipeline with
+``pipe.load_lora_weights`` and reproduces the adapter's output; bad LoRA folders fail clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from zr_diffusion.pipelines.adapters import ADAPTERS, detect_family, load_adapter
+from zr_diffusion.pipelines.base import LORA_FAMILY_FILE
+from zr_diffusion.pipelines.sampler import SamplerConfig, sample
+from zr_diffusion.pipelines.sd import SDAdapter
+from zr_diffusion.pipelines.tiny import make_tiny_t2i
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = ("sd", "sdxl", "flux", "zimage")
+GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 3.5, "zimage": 4.0}  # guidance on in every family's convention
+PROMPTS = ["a red cube", "a blue sky"]
+SIZE, STEPS = 32, 3
+
+
+def _config(family: str, **kw) -> SamplerConfig:
+    return SamplerConfig(num_steps=STEPS, guidance_scale=GUIDANCE[family], height=SIZE, width=SIZE, **kw)
+
+
+def _pipe_images(
+    pipe: DiffusionPipeline, family: str, prompts: list[str], seed: int, **extra
+) -> torch.Tensor:
+    """Images from the pipeline's own __call__, [B, 3, H, W] in [0, 1]."""
+    with torch.no_grad():
+        return pipe(
+            prompts,
+            num_inference_steps=STEPS,
+            height=SIZE,
+            width=SIZE,
+            guidance_scale=GUIDANCE[family],
+            output_type="pt",
+            generator=torch.Generator().manual_seed(seed),
+            **extra,
+        ).images
+
+
+def _seq_len_kwargs(adapter) -> dict:
+    return (
+        {"max_sequence_length": adapter.max_sequence_length} if adapter.family in ("flux", "zimage") else {}
+    )
+
+
+def _brightness_reward(images: torch.Tensor) -> torch.Tensor:
+    """Differentiable stand-in for the VLM reward: mean brightness per image. [B, 3, H, W] -> [B]."""
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_t2i(root / f, f, seed=0, sample_size=SIZE) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dirs, tmp_path_factory):
+    """Per family: an adapter after two reward-gradient steps, its base weights before, its saved LoRA."""
+    out = {}
+    for family in FAMILIES:
+        adapter = load_adapter(tiny_dirs[family])
+        frozen_before = {
+            (name, pname): p.detach().clone()
+            for name, module in adapter.pipe.components.items()
+            if isinstance(module, torch.nn.Module)
+            for pname, p in module.named_parameters()
+        }
+        adapter.add_lora(rank=4, alpha=8.0)  # alpha != rank: the saved metadata must carry the scale
+        lora_before = [p.detach().clone() for p in adapter.lora_parameters()]
+        opt = torch.optim.Adam(adapter.lora_parameters(), lr=1e-2)
+        # Two steps: LoRA B starts at zero, so A only receives gradient from the second step on.
+        for step in range(2):
+            images = sample(adapter, PROMPTS, _config(family), seed=step).images
+            loss = -_brightness_reward(images).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        lora_dir = adapter.save_lora(tmp_path_factory.mktemp(f"lora_{family}"))
+        out[family] = (adapter, frozen_before, lora_before, lora_dir)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_adapter_detects_family(tiny_dirs, family):
+    assert detect_family(tiny_dirs[family]) == family
+    adapter = load_adapter(tiny_dirs[family])
+    assert isinstance(adapter, ADAPTERS[family]) and adapter.family == family
+    assert not any(p.requires_grad for p in adapter.denoiser.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_matches_pipeline_call(tiny_dirs, family):
+    adapter = load_adapter(tiny_dirs[family])
+    out = sample(adapter, PROMPTS, _config(family), seed=3, grad=False)
+    assert out.images.shape == (2, 3, SIZE, SIZE)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    expected = _pipe_images(adapter.pipe, family, PROMPTS, seed=3, **_seq_len_kwargs(adapter))
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
+
+
+def test_sd_v_prediction_matches_pipeline_call(tmp_path):
+    adapter = load_adapter(make_tiny_t2i(tmp_path, "sd", prediction_type="v_prediction"))
+    assert adapter.scheduler.config.prediction_type == "v_prediction"
+    out = sample(adapter, PROMPTS, _config("sd"), seed=1, grad=False)
+    torch.testing.assert_close(
+        out.images, _pipe_images(adapter.pipe, "sd", PROMPTS, seed=1), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reward_step_moves_only_lora(trained, family):
+    adapter, frozen_before, lora_before, _ = trained[family]
+    lora_now = adapter.lora_parameters()
+    assert lora_now and all(p.dtype == torch.float32 for p in lora_now)
+    unchanged = [i for i, (a, b) in enumerate(zip(lora_before, lora_now)) if torch.equal(a, b)]
+    assert not unchanged, f"{len(unchanged)} of {len(lora_now)} LoRA tensors did not move"
+    for name, module in adapter.pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            for pname, p in module.named_parameters():
+                if "lora_" not in pname:
+                    before = frozen_before[(name, pname.replace(".base_layer", ""))]  # peft wraps targets
+                    assert torch.equal(p, before), f"base weight {name}.{pname} moved"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_lora_loads_into_fresh_pipeline(trained, tiny_dirs, family):
+    adapter, _, _, lora_dir = trained[family]
+    assert json.loads((lora_dir / LORA_FAMILY_FILE).read_text())["family"] == family
+    fresh = DiffusionPipeline.from_pretrained(tiny_dirs[family])
+    kw = _seq_len_kwargs(adapter)
+    base = _pipe_images(fresh, family, PROMPTS[:1], seed=5, **kw)
+    fresh.load_lora_weights(lora_dir)
+    tuned = _pipe_images(fresh, family, PROMPTS[:1], seed=5, **kw)
+    assert (tuned - base).abs().max() > 1e-4, "loading the LoRA did not change the output"
+    with torch.no_grad():
+        mine = sample(adapter, PROMPTS[:1], _config(family), seed=5, grad=False).images
+    torch.testing.assert_close(tuned, mine, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_load_lora_reproduces_output(trained, tiny_dirs, family):
+    adapter, _, _, lora_dir = trained[family]
+    fresh = load_adapter(tiny_dirs[family])
+    fresh.load_lora(lora_dir)
+    with torch.no_grad():
+        expected = sample(adapter, PROMPTS[:1], _config(family), seed=6, grad=False).images
+        got = sample(fresh, PROMPTS[:1], _config(family), seed=6, grad=False).images
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_load_lora_errors(trained, tiny_dirs, tmp_path):
+    sd = load_adapter(tiny_dirs["sd"])
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        sd.load_lora(tmp_path / "missing")
+    flux_lora = trained["flux"][3]
+    with pytest.raises(ValueError, match="belongs to family 'flux'.*this adapter is 'sd'"):
+        sd.load_lora(flux_lora)
+    # Without the family record the keys decide: transformer.* keys are not an SD UNet LoRA.
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(flux_lora, unrecorded)
+    (unrecorded / LORA_FAMILY_FILE).unlink()
+    with pytest.raises(ValueError, match="does not look like a 'sd' LoRA"):
+        sd.load_lora(unrecorded)
+    zimage = load_adapter(tiny_dirs["zimage"])
+    with pytest.raises(ValueError, match="does not look like a 'zimage' LoRA"):
+        zimage.load_lora(unrecorded)
+
+
+def test_wrong_pipeline_and_unknown_class_errors(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="needs one of \\['StableDiffusionPipeline'\\], got FluxPipeline"):
+        load_adapter(tiny_dirs["flux"], family="sd")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="'KandinskyPipeline'.*not supported; supported:.*ZImagePipeline"):
+        detect_family(tmp_path)
+    with pytest.raises(ValueError, match="unknown family 'sd3'"):
+        load_adapter(tiny_dirs["sd"], family="sd3")
+
+
+def test_add_lora_rejects_unknown_targets(tiny_dirs):
+    adapter = SDAdapter.from_pretrained(tiny_dirs["sd"])
+    with pytest.raises(ValueError, match="LoRA targets \\['qkv_nope'\\] match no module"):
+        adapter.add_lora(rank=2, targets=("to_q", "qkv_nope"))
+
+
+def test_flux_rejects_negative_prompts(tiny_dirs):
+    adapter = load_adapter(tiny_dirs["flux"])
+    with pytest.raises(ValueError, match="guidance embedding"):
+        adapter.encode_prompts(PROMPTS, negative_prompts=["", ""])

@@ -1,0 +1,176 @@
+"""Differentiable sampling for reward-gradient fine-tuning (METHOD.md section 6).
+
+Every mode runs the first steps under ``torch.no_grad()`` and builds a graph only inside a window of
+steps (indices 0..T-1 in sampling order), so memory does not grow with the number of steps T:
+
+- ``draft``  (DRaFT-K): gradient through the last K steps; the final sample is scored. K = 1 default.
+  ``draft_lv = n`` (DRaFT-LV) adds n copies of the last step: the final sample is re-noised to the
+  last step's noise level with fresh noise and denoised again with a graph; all 1 + n are scored.
+- ``refl``   (ReFL): no-grad to a step s drawn uniformly from ``refl_window``, one step with gradient
+  at s, and the predicted clean image at s is scored; later steps are not run.
+- ``window`` gradient through steps [start, end]; reaches earlier steps than DRaFT-K without running
+  the steps after ``end``: when end < T - 1 the predicted clean image at ``end`` is scored, when
+  end = T - 1 the final sample is (``window=(T - K, T - 1)`` is DRaFT-K).
+
+Inside the window each denoiser call, and the VAE decode, is gradient-checkpointed
+(``torch.utils.checkpoint``, ``use_reentrant=False``): only its inputs are kept and the activations
+are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from zr_diffusion.pipelines.base import Conditioning, StepOutput, T2IAdapter
+
+Mode = Literal["draft", "refl", "window"]
+MODES = ("draft", "refl", "window")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample and where gradients flow."""
+
+    num_steps: int = 20  # T denoising steps
+    guidance_scale: float = 5.0  # in the family's convention (see each adapter's encode_prompts)
+    height: int = 512  # image size in pixels
+    width: int = 512
+    mode: Mode = "draft"
+    draft_k: int = 1  # draft: gradient through the last K steps
+    draft_lv: int = 0  # draft: DRaFT-LV extra re-noised copies of the last step (0 = off)
+    refl_window: tuple[int, int] | None = None  # refl: inclusive step range for s; None = last quarter
+    window: tuple[int, int] | None = None  # window: inclusive step range with gradient (required)
+    checkpoint_denoiser: bool = True  # recompute each denoiser call of the window in backward
+    checkpoint_decoder: bool = True  # recompute the VAE decode in backward
+
+    def __post_init__(self) -> None:
+        T = self.num_steps
+        if T <= 0:
+            raise ValueError(f"num_steps must be positive, got {T}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 1 <= self.draft_k <= T:
+            raise ValueError(f"draft_k must be in 1..num_steps={T}, got {self.draft_k}")
+        if self.draft_lv < 0:
+            raise ValueError(f"draft_lv must be >= 0, got {self.draft_lv}")
+        if self.draft_lv and self.mode != "draft":
+            raise ValueError(f"draft_lv={self.draft_lv} needs mode='draft', got mode={self.mode!r}")
+        if self.mode == "window" and self.window is None:
+            raise ValueError(
+                "mode='window' needs window=(start, end), inclusive step indices in 0..num_steps-1"
+            )
+        for name in ("refl_window", "window"):
+            value = getattr(self, name)
+            if value is not None:
+                start, end = value
+                if not 0 <= start <= end < T:
+                    raise ValueError(f"{name}={value} must satisfy 0 <= start <= end < num_steps={T}")
+
+    def resolved_refl_window(self) -> tuple[int, int]:
+        if self.refl_window is not None:
+            return tuple(self.refl_window)
+        return (self.num_steps - max(1, self.num_steps // 4), self.num_steps - 1)
+
+
+@dataclass
+class SampleInfo:
+    mode: str
+    grad_steps: list[int] = field(default_factory=list)  # steps that ran with a graph
+    scored: Literal["final", "pred_x0"] = "final"  # what was decoded: final sample or x0-prediction
+    stop_step: int = -1  # last step run
+    lv_copies: int = 0  # DRaFT-LV copies appended after the B main images
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # [B', 3, H, W] in [0, 1]; B' = B * (1 + lv_copies), copies after the main B
+    latents: torch.Tensor  # [B', C, h, w] the decoded latents
+    prompts: list[str]  # B' prompts, the prompt of each image
+    info: SampleInfo
+
+
+def _grad_range(config: SamplerConfig, generator: torch.Generator | None) -> tuple[int, int]:
+    T = config.num_steps
+    if config.mode == "draft":
+        return T - config.draft_k, T - 1
+    if config.mode == "refl":
+        lo, hi = config.resolved_refl_window()
+        s = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        return s, s
+    return tuple(config.window)
+
+
+def _step_with_grad(
+    adapter: T2IAdapter, x: torch.Tensor, i: int, cond: Conditioning, ckpt: bool
+) -> StepOutput:
+    if not ckpt:
+        return adapter.denoise(x, i, cond)
+
+    def run(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = adapter.denoise(z, i, cond)
+        return out.prev_latents, out.pred_x0
+
+    prev, x0 = checkpoint(run, x, use_reentrant=False)
+    return StepOutput(prev_latents=prev, pred_x0=x0)
+
+
+def _decode(adapter: T2IAdapter, latents: torch.Tensor, ckpt: bool) -> torch.Tensor:
+    if ckpt and torch.is_grad_enabled() and latents.requires_grad:
+        return checkpoint(adapter.decode, latents, use_reentrant=False)
+    return adapter.decode(latents)
+
+
+def sample(
+    adapter: T2IAdapter,
+    prompts: list[str],
+    config: SamplerConfig,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    negative_prompts: list[str] | None = None,
+    grad: bool = True,
+) -> SampleOutput:
+    """Sample images for ``prompts``; with ``grad`` a graph is built only inside the mode's window.
+
+    ``grad=False`` runs all T steps without a graph and decodes the final sample (evaluation).
+    """
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    T = config.num_steps
+    cond = adapter.encode_prompts(prompts, negative_prompts, guidance_scale=config.guidance_scale)
+    adapter.set_timesteps(T, config.height, config.width)
+    x = adapter.initial_latents(len(prompts), config.height, config.width, generator)  # [B, C, h, w]
+
+    start, end = _grad_range(config, generator) if grad else (T, T - 1)
+    with torch.no_grad():
+        for i in range(min(start, T)):
+            x = adapter.denoise_step(x, i, cond)
+    info = SampleInfo(mode=config.mode if grad else "no_grad", stop_step=T - 1)
+    step = None
+    for i in range(start, end + 1):
+        step = _step_with_grad(adapter, x, i, cond, config.checkpoint_denoiser)
+        x = step.prev_latents
+        info.grad_steps.append(i)
+    if step is not None and end < T - 1:  # refl / early window: score the clean prediction
+        x, info.scored, info.stop_step = step.pred_x0, "pred_x0", end
+
+    latents, image_prompts = [x], list(prompts)
+    if grad and config.draft_lv:
+        final = x.detach()
+        for _ in range(config.draft_lv):
+            noise = torch.randn(final.shape, generator=generator, dtype=final.dtype).to(final.device)
+            noisy = adapter.renoise(final, T - 1, noise)  # [B, C, h, w] at the last step's noise level
+            latents.append(
+                _step_with_grad(adapter, noisy, T - 1, cond, config.checkpoint_denoiser).prev_latents
+            )
+            image_prompts += list(prompts)
+        info.lv_copies = config.draft_lv
+    latents = torch.cat(latents)  # [B', C, h, w]
+    with torch.set_grad_enabled(grad):
+        images = _decode(adapter, latents, config.checkpoint_decoder)
+    return SampleOutput(images=images, latents=latents, prompts=image_prompts, info=info)
