@@ -1,0 +1,494 @@
+"""Chat-formatted scoring inputs and the score readout ``q(s | p, I, d, ρ)`` (METHOD.md §1–3).
+
+One vision-encoder pass per image serves every rubric dimension and every reasoning sample of that
+image: :meth:`VLMScorer.image_features` runs the vision tower once, and each text sequence receives
+its image's features at its image-pad positions (the model's own scatter, M-RoPE position ids from
+the model's own ``get_rope_index``; Qwen3-VL DeepStack features travel with them).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from PIL import Image
+
+from zr_diffusion.rubric import SCORE_MARKER, check_dimensions, student_instruction, teacher_instruction
+from zr_diffusion.scores import ScoreGrid, gather_score_logits, score_distribution
+from zr_diffusion.vlm.loading import SUPPORTED_FAMILIES, UnsupportedModelError
+from zr_diffusion.vlm.preprocess import VisionSpec, preprocess_images
+
+Mode = Literal["student", "teacher"]
+MODES: tuple[str, ...] = ("student", "teacher")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; valid modes: {list(MODES)}")
+
+
+class ChatBatch(NamedTuple):
+    """Left-padded token ids of N scoring sequences (prompt, then an optional suffix)."""
+
+    input_ids: torch.Tensor  # [N, L]
+    attention_mask: torch.Tensor  # [N, L]
+    suffix_lengths: torch.Tensor  # [N], tokens after the generation prompt
+
+
+class ScoringInputs:
+    """Builds chat-formatted scoring inputs with the real processor, cached per
+    ``(prompt, dimension, image size, mode)``.
+
+    The message is ``[{role: user, content: [image, instruction]}]`` with the generation prompt
+    appended; the processor expands the image placeholder to one pad token per merged vision token.
+    """
+
+    def __init__(self, processor, grid: ScoreGrid, spec: VisionSpec | None = None, max_cache: int = 65536):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.grid = grid
+        self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
+        self.max_cache = max_cache
+        self._cache: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad batches with")
+
+    def instruction(self, prompt: str, dimension: str, mode: Mode) -> str:
+        _check_mode(mode)
+        make = student_instruction if mode == "student" else teacher_instruction
+        return make(prompt, dimension, self.grid)
+
+    def chat_text(self, prompt: str, dimension: str, mode: Mode) -> str:
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": self.instruction(prompt, dimension, mode)},
+                ],
+            }
+        ]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, prompt: str, dimension: str, size: tuple[int, int], mode: Mode) -> tuple[int, ...]:
+        """Token ids of one scoring prompt for an on-grid image of ``size = (H, W)`` pixels."""
+        key = (prompt, dimension, tuple(size), mode)
+        if (ids := self._cache.get(key)) is not None:
+            self._cache.move_to_end(key)
+            return ids
+        height, width = size
+        blank = Image.new("RGB", (width, height))
+        enc = self.processor(text=[self.chat_text(prompt, dimension, mode)], images=[blank])
+        grid = [int(v) for v in enc["image_grid_thw"][0]]
+        expected = [1, height // self.spec.patch_size, width // self.spec.patch_size]
+        if grid != expected:
+            raise ValueError(
+                f"image size {height}x{width} is not on the processor grid (the processor makes grid {grid}, "
+                f"the differentiable path {expected}); pass the size returned by preprocessing"
+            )
+        ids = tuple(int(i) for i in enc["input_ids"][0])
+        self._cache[key] = ids
+        if len(self._cache) > self.max_cache:
+            self._cache.popitem(last=False)
+        return ids
+
+    def batch(
+        self,
+        prompts: Sequence[str],
+        dimensions: Sequence[str],
+        size: tuple[int, int],
+        mode: Mode,
+        suffixes: Sequence[Sequence[int]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> ChatBatch:
+        """Left-padded ``[N, L]`` ids for N (prompt, dimension[, suffix]) sequences sharing one image size."""
+        if len(prompts) != len(dimensions):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(dimensions)} dimensions; give one per sequence"
+            )
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise ValueError(
+                f"got {len(suffixes)} suffixes for {len(prompts)} sequences; give one per sequence"
+            )
+        rows, suffix_lengths = [], []
+        for i, (prompt, dim) in enumerate(zip(prompts, dimensions)):
+            suffix = list(suffixes[i]) if suffixes is not None else []
+            rows.append(list(self.prompt_ids(prompt, dim, size, mode)) + suffix)
+            suffix_lengths.append(len(suffix))
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, length - len(row) :] = 1
+        return ChatBatch(
+            input_ids.to(device), attention_mask.to(device), torch.tensor(suffix_lengths, device=device)
+        )
+
+
+class ImageFeatures(NamedTuple):
+    """Vision-tower output for N images: merged tokens per image (plus DeepStack features on Qwen3-VL)."""
+
+    output: object  # the tower's ModelOutput; pooler_output is a tuple of [tokens_i, hidden] per image
+    grid_thw: torch.Tensor  # [N, 3]
+    size: tuple[int, int]  # (H, W) pixels after preprocessing, shared by the batch
+
+    def select(self, index: Sequence[int]) -> ImageFeatures:
+        """Features for a sequence batch in which sequence k shows image ``index[k]`` (no recomputation)."""
+        index = [int(i) for i in index]
+        fields = {"pooler_output": tuple(self.output.pooler_output[i] for i in index)}
+        deepstack = getattr(self.output, "deepstack_features", None)
+        if deepstack is not None:
+            fields["deepstack_features"] = [tuple(level[i] for i in index) for level in deepstack]
+        grid = self.grid_thw[torch.as_tensor(index, device=self.grid_thw.device)]
+        return ImageFeatures(type(self.output)(**fields), grid, self.size)
+
+
+class SuffixReadout(NamedTuple):
+    """Teacher readout of N sequences ``prompt + suffix`` from one forward pass."""
+
+    token_logprobs: torch.Tensor  # [N, T] log π(suffix_t | prefix), suffixes right-aligned, 0 where masked
+    token_mask: torch.Tensor  # [N, T] True on real suffix tokens
+    score_logits: torch.Tensor  # [N, S] score-token logits at the end of the suffix
+    score_logprobs: torch.Tensor  # [N, S] log π(score token) over the full vocabulary there
+
+
+def _dimension_list(dimensions: str | Sequence[str]) -> list[str]:
+    return [dimensions] if isinstance(dimensions, str) else list(dimensions)
+
+
+class VLMScorer:
+    """Reads score distributions from a Qwen-VL model: student (score right after the prompt) and
+    teacher (score after a reasoning suffix ending in the score marker)."""
+
+    def __init__(self, model, processor, grid: ScoreGrid | None = None, spec: VisionSpec | None = None):
+        self.family = model.config.model_type
+        if self.family not in SUPPORTED_FAMILIES:
+            raise UnsupportedModelError(
+                f"model_type {self.family!r} is not a supported VLM family; supported: {sorted(SUPPORTED_FAMILIES)}"
+            )
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.grid = grid if grid is not None else ScoreGrid()
+        self.token_ids = self.grid.token_ids(self.tokenizer)  # validates: one token per bin
+        self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
+        self.inputs = ScoringInputs(processor, self.grid, self.spec)
+        self.image_token_id = int(model.config.image_token_id)
+        self.marker_ids = tuple(self.tokenizer.encode(SCORE_MARKER, add_special_tokens=False))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images [B, 3, H, W]`` in [0, 1] -> ``(pixel_values [sum_patches, C*T*P*P], grid_thw [B, 3])``."""
+        return preprocess_images(images, self.spec)
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> ImageFeatures:
+        """One vision-tower pass for all images of the batch."""
+        output = self.model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
+        grid = grid_thw[0]
+        size = (int(grid[1]) * self.spec.patch_size, int(grid[2]) * self.spec.patch_size)
+        if not bool((grid_thw == grid).all()):
+            raise ValueError(f"all images of a batch must share one size, got grids {grid_thw.tolist()}")
+        return ImageFeatures(output, grid_thw, size)
+
+    def encode_images(self, images: torch.Tensor) -> ImageFeatures:
+        """Preprocess ``[B, 3, H, W]`` images in [0, 1] and run the vision tower once."""
+        images = images.to(self.device)
+        return self.image_features(*self.preprocess(images))
+
+    def forward_logits(
+        self, features: ImageFeatures, batch: ChatBatch, logits_to_keep: int = 1
+    ) -> torch.Tensor:
+        """Language-model logits of the last ``logits_to_keep`` positions: ``[N, K, V]``.
+
+        Sequence k shows image k of ``features`` (use :meth:`ImageFeatures.select` to share images).
+        """
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        if features.grid_thw.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"{features.grid_thw.shape[0]} images for {input_ids.shape[0]} sequences; select one image "
+                f"per sequence with ImageFeatures.select"
+            )
+        mm_token_type_ids = (input_ids == self.image_token_id).long()  # [N, L], 1 on image pads
+        position_ids, _ = self.model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=features.grid_thw,
+            attention_mask=attention_mask,
+        )  # [3, N, L]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            mm_encoder_outputs={"image": features.output},
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits
+
+    def score_logits(
+        self,
+        features: ImageFeatures,
+        prompts: Sequence[str],
+        dimensions: str | Sequence[str],
+        mode: Mode = "student",
+    ) -> torch.Tensor:
+        """Score logits at the answer position for every image and dimension: ``[B, D, S]``.
+
+        ``prompts`` has one prompt per image; all B x D sequences run in one language-model batch on
+        the B images' features (no further vision pass).
+        """
+        dims = list(check_dimensions(_dimension_list(dimensions)))
+        n_images = features.grid_thw.shape[0]
+        if len(prompts) != n_images:
+            raise ValueError(f"got {len(prompts)} prompts for {n_images} images; give one prompt per image")
+        index = [b for b in range(n_images) for _ in dims]
+        batch = self.inputs.batch(
+            [prompts[b] for b in index], dims * n_images, features.size, mode, device=self.device
+        )
+        logits = self.forward_logits(features.select(index), batch, logits_to_keep=1)[:, -1]  # [B * D, V]
+        return gather_score_logits(logits, self.token_ids).view(n_images, len(dims), -1)  # [B, D, S]
+
+    def suffix_readout(
+        self,
+        features: ImageFeatures,
+        prompts: Sequence[str],
+        dimensions: str | Sequence[str],
+        suffix_ids: Sequence[Sequence[int]],
+        image_index: Sequence[int] | None = None,
+        mode: Mode = "teacher",
+    ) -> SuffixReadout:
+        """Suffix-token log-probs and the score readout after each suffix, from one forward pass.
+
+        Sequence n is ``prompt_n`` about ``image_index[n]`` (default n) in ``dimensions[n]`` (or one
+        dimension for all), followed by ``suffix_ids[n]`` (reasoning + score-marker ids); q is read at
+        the end of the suffix. Gradients flow to the model (when trainable) and to the image features.
+        """
+        n = len(suffix_ids)
+        dims = _dimension_list(dimensions)
+        dims = dims * n if len(dims) == 1 else dims
+        image_index = list(range(n)) if image_index is None else list(image_index)
+        if not (len(prompts) == len(dims) == len(image_index) == n):
+            raise ValueError(
+                f"suffix_readout needs one prompt, dimension and image index per suffix; got {len(prompts)} "
+                f"prompts, {len(dims)} dimensions, {len(image_index)} image indices for {n} suffixes"
+            )
+        for k, suffix in enumerate(suffix_ids):
+            if self.image_token_id in suffix:
+                raise ValueError(
+                    f"suffix {k} contains the image pad token id {self.image_token_id}; a suffix holds text "
+                    f"tokens only (reasoning and score marker)"
+                )
+        batch = self.inputs.batch(prompts, dims, features.size, mode, suffixes=suffix_ids, device=self.device)
+        t = int(batch.suffix_lengths.max()) if n else 0
+        logits = self.forward_logits(features.select(image_index), batch, logits_to_keep=t + 1)  # [N, T+1, V]
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        log_norm = torch.logsumexp(logits, dim=-1)  # [N, T+1]
+        targets = batch.input_ids[:, batch.input_ids.shape[1] - t :]  # [N, T], right-aligned suffixes
+        positions = torch.arange(t, device=targets.device)
+        token_mask = positions.unsqueeze(0) >= (t - batch.suffix_lengths).unsqueeze(1)  # [N, T]
+        token_logits = logits[:, :t].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
+        token_logprobs = (token_logits - log_norm[:, :t]) * token_mask
+        score_logits = gather_score_logits(logits[:, -1], self.token_ids)  # [N, S]
+        score_logprobs = score_logits - log_norm[:, -1:]
+        return SuffixReadout(token_logprobs, token_mask, score_logits, score_logprobs)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        dimensions: str | Sequence[str],
+        mode: Mode = "student",
+    ) -> torch.Tensor:
+        """Score logits ``[B, D, S]`` straight from images ``[B, 3, H, W]`` in [0, 1]."""
+        return self.score_logits(self.encode_images(images), prompts, dimensions, mode)
+
+
+# --------------------------------------------------------------------------- reasoning rollouts
+
+
+@dataclass
+class ReasoningSample:
+    """One teacher output ``o = (ρ, a)``: the reasoning, the marker, and q read after the marker."""
+
+    input_index: int  # which input (image, prompt, dimension) it belongs to
+    text: str  # reasoning text before the marker
+    token_ids: list[int]  # the suffix fed back for readout: reasoning ids + score-marker ids
+    marker_appended: bool  # True when the model did not write the marker within the budget
+    score_logits: torch.Tensor  # [S] at the position after the marker
+    probs: torch.Tensor  # [S]
+    num_generated_tokens: int  # tokens sampled from the model (marker included when generated)
+
+
+def marker_variants(tokenizer, marker: str = SCORE_MARKER) -> list[tuple[int, ...]]:
+    """Token-id sequences that spell ``marker`` at the end of generated text.
+
+    Byte-level BPEs spell a word differently after a space or a newline (" Score" vs "Score"), so the
+    marker is encoded after each; a leading whitespace-only token is dropped from a variant.
+    """
+    variants = []
+    for prefix in ("", " ", "\n"):
+        ids = tokenizer.encode(prefix + marker, add_special_tokens=False)
+        if prefix and len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+            ids = ids[1:]
+        if tuple(ids) not in variants:
+            variants.append(tuple(ids))
+    return variants
+
+
+def find_marker_end(ids: Sequence[int], variants: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+    """``(start, end)`` of the first marker occurrence in ``ids`` (``end`` exclusive), or None."""
+    best = None
+    for var in variants:
+        k = len(var)
+        for end in range(k, len(ids) + 1):
+            if tuple(ids[end - k : end]) == tuple(var):
+                if best is None or end < best[1]:
+                    best = (end - k, end)
+                break
+    return best
+
+
+class _MarkerStop:
+    """Stopping criterion: a sequence is done once its generated tail ends with a marker variant."""
+
+    def __init__(self, variants: Sequence[Sequence[int]], prompt_length: int):
+        self.variants = [torch.tensor(v) for v in variants]
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_length
+        for var in self.variants:
+            k = len(var)
+            if generated >= k:
+                done |= (input_ids[:, -k:] == var.to(input_ids.device)).all(-1)
+        return done
+
+
+@torch.no_grad()
+def generate_reasoning(
+    scorer: VLMScorer,
+    images: torch.Tensor | ImageFeatures,
+    prompts: Sequence[str],
+    dimensions: str | Sequence[str],
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    logits_processor=None,
+) -> list[list[ReasoningSample]]:
+    """Sample ``num_samples`` (G) teacher outputs per input and read q after each score marker.
+
+    Inputs are B images (or their precomputed features), one prompt and one dimension each (a single
+    dimension name applies to all). Sampling stops per sequence at the score marker; an output that
+    has no marker within ``max_new_tokens`` (or that ends first) gets the marker appended and
+    ``marker_appended=True``. Returns ``[B][G]`` samples. ``temperature=0`` samples greedily.
+    """
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    features = images if isinstance(images, ImageFeatures) else scorer.encode_images(images)
+    n_inputs = features.grid_thw.shape[0]
+    dims = _dimension_list(dimensions)
+    dims = dims * n_inputs if len(dims) == 1 else dims
+    if not (len(prompts) == len(dims) == n_inputs):
+        raise ValueError(
+            f"generate_reasoning needs one prompt and dimension per image; got {len(prompts)} prompts and "
+            f"{len(dims)} dimensions for {n_inputs} images"
+        )
+    if num_samples < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}"
+        )
+    index = [b for b in range(n_inputs) for _ in range(num_samples)]
+    rollout_features = features.select(index)
+    batch = scorer.inputs.batch(
+        [prompts[b] for b in index], [dims[b] for b in index], features.size, "teacher", device=scorer.device
+    )
+    variants = marker_variants(scorer.tokenizer)
+    prompt_length = batch.input_ids.shape[1]
+    eos = _eos_ids(scorer)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    sampling = sampling if temperature > 0 else dict(do_sample=False)
+    sequences = scorer.model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        mm_token_type_ids=(batch.input_ids == scorer.image_token_id).long(),
+        image_grid_thw=rollout_features.grid_thw,
+        mm_encoder_outputs={"image": rollout_features.output},
+        max_new_tokens=max_new_tokens,
+        **sampling,
+        stopping_criteria=StoppingCriteriaList([_MarkerStop(variants, prompt_length)]),
+        logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
+        pad_token_id=scorer.inputs.pad_token_id,
+        eos_token_id=eos,
+        suppress_tokens=_unsampleable_ids(scorer),
+    )
+    suffixes, meta = [], []
+    for row in sequences[:, prompt_length:].tolist():
+        suffixes.append(_split_generation(row, variants, eos, scorer.marker_ids, meta))
+    readout = scorer.suffix_readout(
+        rollout_features, [prompts[b] for b in index], [dims[b] for b in index], suffixes, mode="teacher"
+    )
+    probs = score_distribution(readout.score_logits)  # [B * G, S]
+    out: list[list[ReasoningSample]] = [[] for _ in range(n_inputs)]
+    for k, b in enumerate(index):
+        reasoning_ids, appended, n_generated = meta[k]
+        out[b].append(
+            ReasoningSample(
+                input_index=b,
+                text=scorer.tokenizer.decode(reasoning_ids, skip_special_tokens=True),
+                token_ids=suffixes[k],
+                marker_appended=appended,
+                score_logits=readout.score_logits[k],
+                probs=probs[k],
+                num_generated_tokens=n_generated,
+            )
+        )
+    return out
+
+
+def _unsampleable_ids(scorer: VLMScorer) -> list[int]:
+    """Vision placeholders (they would be read as image positions) and ids past the tokenizer."""
+    config = scorer.model.config
+    ids = [
+        config.image_token_id,
+        config.video_token_id,
+        config.vision_start_token_id,
+        config.vision_end_token_id,
+    ]
+    vocab = scorer.model.get_output_embeddings().weight.shape[0]
+    return sorted({int(i) for i in ids} | set(range(len(scorer.tokenizer), vocab)))
+
+
+def _eos_ids(scorer: VLMScorer) -> list[int]:
+    eos = scorer.model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    im_end = scorer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end not in eos and im_end != scorer.tokenizer.unk_token_id:
+        eos.append(im_end)
+    return eos
+
+
+def _split_generation(row: list[int], variants, eos: Sequence[int], marker_ids, meta: list) -> list[int]:
+    """Cut one generated row at the marker (or at its end) and record (reasoning, appended, count)."""
+    end = next((i for i, tok in enumerate(row) if tok in eos), None)
+    n_generated = len(row) if end is None else end + 1
+    body = row if end is None else row[:end]
+    found = find_marker_end(body, variants)
+    if found is not None:
+        start, stop = found
+        meta.append((body[:start], False, stop))
+        return body[:stop]
+    meta.append((body, True, n_generated))
+    return body + list(marker_ids)
