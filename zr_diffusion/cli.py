@@ -142,6 +142,11 @@ def lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
 COMMANDS: dict[str, Command] = {
     "score": Command("score images with a reward model, per rubric dimension", _score_args, _score),
     "make-tiny": Command("write a tiny offline VLM to try the commands on", _make_tiny_args, _make_tiny),
+    "eval-reward": Command(
+        "evaluate a reward model: PLCC, SRCC, HPA, margin HPA, tokens per call, images/s",
+        _recipe_args,
+        recipe("zr_diffusion.reward.config:EvalRewardConfig", "zr_diffusion.reward.evaluate:evaluate_reward"),
+    ),
     "gsb": Command(
         "turn a person's answers from the review page into GSB",
         _gsb_args,

@@ -147,10 +147,17 @@ class EvalRewardConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     skip_bad: bool = False
+    teacher_samples: int = 1  # teacher mode: reasoning samples per (image, dimension); μ is their mean
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model: give the reward model folder or hub id")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size (images per scoring batch) must be >= 1, got {self.batch_size}")
+        if self.teacher_samples < 1:
+            raise ValueError(f"teacher_samples must be >= 1, got {self.teacher_samples}")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"max_records must be >= 1 or null (all records), got {self.max_records}")
         if not self.data:
             raise ValueError("data: give the test records file (.jsonl or .parquet)")
         check_dimensions(self.dimensions)
