@@ -12,9 +12,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 try:  # tests/ on sys.path (rootdir mode) or tests as a package
-    from _vlm_fixtures import FAMILIES, tiny_vlm_dir
+    from _vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
 except ImportError:  # pragma: no cover
-    from tests._vlm_fixtures import FAMILIES, tiny_vlm_dir
+    from tests._vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
 
 from zr_diffusion.reward.model import RewardOutput, ZRewardModel  # noqa: E402
 from zr_diffusion.rubric import DEFAULT_DIMENSIONS  # noqa: E402
@@ -22,6 +22,12 @@ from zr_diffusion.scores import score_distribution  # noqa: E402
 from zr_diffusion.vlm.readout import find_marker_end, generate_reasoning, marker_variants  # noqa: E402
 
 PROMPTS = ["a red circle", "two green triangles next to a yellow star above a blue square"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_torch_thread():
+        yield
 
 
 def _side(family: str) -> int:
@@ -163,6 +169,17 @@ def test_student_readout_equals_the_processor_path(reward_model):
         enc = reward_model.processor(text=[text], images=[pil], return_tensors="pt")
         ref = reward_model.vlm(**enc).logits[0, -1, scorer.token_ids]
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_sequence_score_logits_mix_images_and_dimensions(reward_model):
+    scorer = reward_model.scorer
+    with torch.no_grad():
+        feats = scorer.encode_images(torch.rand(2, 3, 56, 56))
+        grid = scorer.score_logits(feats, PROMPTS, ["realism", "aesthetics"])  # [2, 2, S]
+        mixed = scorer.sequence_score_logits(
+            feats, [PROMPTS[1], PROMPTS[0], PROMPTS[1]], ["aesthetics", "realism", "realism"], [1, 0, 1]
+        )  # [3, S]
+    assert torch.allclose(mixed, torch.stack([grid[1, 1], grid[0, 0], grid[1, 0]]), atol=1e-6)
 
 
 def test_score_pil_groups_sizes(reward_model):

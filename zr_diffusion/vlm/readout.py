@@ -251,11 +251,33 @@ class VLMScorer:
         if len(prompts) != n_images:
             raise ValueError(f"got {len(prompts)} prompts for {n_images} images; give one prompt per image")
         index = [b for b in range(n_images) for _ in dims]
-        batch = self.inputs.batch(
-            [prompts[b] for b in index], dims * n_images, features.size, mode, device=self.device
+        logits = self.sequence_score_logits(
+            features, [prompts[b] for b in index], dims * n_images, index, mode
         )
-        logits = self.forward_logits(features.select(index), batch, logits_to_keep=1)[:, -1]  # [B * D, V]
-        return gather_score_logits(logits, self.token_ids).view(n_images, len(dims), -1)  # [B, D, S]
+        return logits.view(n_images, len(dims), -1)  # [B, D, S]
+
+    def sequence_score_logits(
+        self,
+        features: ImageFeatures,
+        prompts: Sequence[str],
+        dimensions: str | Sequence[str],
+        image_index: Sequence[int] | None = None,
+        mode: Mode = "student",
+    ) -> torch.Tensor:
+        """Score logits ``[N, S]`` at the answer position of N sequences, sequence n being
+        ``(image_index[n], prompts[n], dimensions[n])`` (one dimension name applies to all)."""
+        n = len(prompts)
+        dims = _dimension_list(dimensions)
+        dims = dims * n if len(dims) == 1 else dims
+        image_index = list(range(n)) if image_index is None else list(image_index)
+        if not (len(dims) == len(image_index) == n):
+            raise ValueError(
+                f"need one dimension and image index per prompt; got {len(dims)} dimensions and "
+                f"{len(image_index)} image indices for {n} prompts"
+            )
+        batch = self.inputs.batch(prompts, dims, features.size, mode, device=self.device)
+        logits = self.forward_logits(features.select(image_index), batch, logits_to_keep=1)[:, -1]  # [N, V]
+        return gather_score_logits(logits, self.token_ids)  # [N, S]
 
     def suffix_readout(
         self,

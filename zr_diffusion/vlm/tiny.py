@@ -347,6 +347,8 @@ def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, 
     ``size="small"`` is a somewhat larger variant (e.g. a teacher next to a tiny student); both share
     one tokenizer per family, so teacher and student vocabularies agree.
     """
+    from transformers.utils import logging as hf_logging
+
     _check_family(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,6 +362,12 @@ def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, 
     model.generation_config.bos_token_id = ids["bos_token_id"]
     model.generation_config.eos_token_id = [ids["eos_token_id"], ids["pad_token_id"]]
     model.generation_config.pad_token_id = ids["pad_token_id"]
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tiny save is not worth a progress bar
+    try:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return out
