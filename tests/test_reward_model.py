@@ -263,7 +263,7 @@ def test_generate_reasoning_appends_the_marker_when_the_budget_is_too_small(rewa
         for rec in group:
             assert rec.input_index == b
             assert rec.marker_appended  # the marker is two tokens; one token of budget cannot hold it
-            assert rec.num_generated_tokens == 1
+            assert rec.num_generated_tokens == 1 and rec.sampled_length == 1
             assert tuple(rec.token_ids[-len(scorer.marker_ids) :]) == scorer.marker_ids
             assert rec.score_logits.shape == (9,) and torch.allclose(rec.probs.sum(), torch.tensor(1.0))
             assert scorer.image_token_id not in rec.token_ids
@@ -290,6 +290,7 @@ def test_generate_reasoning_stops_at_a_generated_marker(reward_model):
     for rec in records[0]:
         assert not rec.marker_appended
         assert rec.token_ids == forced and rec.text == "6" and rec.num_generated_tokens == 3
+        assert rec.sampled_length == 3 and rec.marker_length == len(scorer.marker_ids)
         with torch.no_grad():
             ref = scorer.suffix_readout(feats, PROMPTS[:1], "realism", [forced])
         assert torch.allclose(rec.score_logits, ref.score_logits[0], atol=1e-6)

@@ -347,7 +347,13 @@ class ReasoningSample:
     marker_appended: bool  # True when the model did not write the marker within the budget
     score_logits: torch.Tensor  # [S] at the position after the marker
     probs: torch.Tensor  # [S]
-    num_generated_tokens: int  # tokens sampled from the model (marker included when generated)
+    num_generated_tokens: int  # tokens sampled from the model (marker included when generated, EOS counted)
+    marker_length: int = 0  # how many trailing token_ids are the marker
+
+    @property
+    def sampled_length(self) -> int:
+        """How many leading ``token_ids`` the model sampled (an appended marker was not sampled)."""
+        return len(self.token_ids) - (self.marker_length if self.marker_appended else 0)
 
 
 def marker_variants(tokenizer, marker: str = SCORE_MARKER) -> list[tuple[int, ...]]:
@@ -475,6 +481,7 @@ def generate_reasoning(
                 score_logits=readout.score_logits[k],
                 probs=probs[k],
                 num_generated_tokens=n_generated,
+                marker_length=len(suffixes[k]) - len(reasoning_ids),
             )
         )
     return out
