@@ -8,7 +8,6 @@ moves every LoRA weight and no base weight; a saved LoRA loads into a fresh pipe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -20,8 +19,6 @@ from zr_diffusion.pipelines.base import LORA_FAMILY_FILE
 from zr_diffusion.pipelines.sampler import SamplerConfig, sample
 from zr_diffusion.pipelines.sd import SDAdapter
 from zr_diffusion.pipelines.tiny import make_tiny_t2i
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FAMILIES = ("sd", "sdxl", "flux", "zimage")
 GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "flux": 3.5, "zimage": 4.0}  # guidance on in every family's convention

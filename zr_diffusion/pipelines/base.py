@@ -21,6 +21,8 @@ LoRA goes on ``adapter.denoiser`` only; the base weights and all other component
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,25 +219,30 @@ class T2IAdapter(ABC):
         return [p for n, p in self.denoiser.named_parameters() if "lora_" in n and p.requires_grad]
 
     def save_lora(self, out_dir: str | Path) -> Path:
-        """Save the LoRA in the diffusers format: a fresh ``pipe.load_lora_weights(out_dir)`` reads it."""
+        """Save the LoRA in the diffusers format: a fresh ``pipe.load_lora_weights(out_dir)`` reads it.
+
+        Files are written to a temporary folder inside ``out_dir`` and renamed into place.
+        """
         config = getattr(self.denoiser, "peft_config", {}).get(ADAPTER_NAME)
         if config is None:
             raise RuntimeError("no LoRA to save: call add_lora (or load_lora) first")
         out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
-        type(self.pipe).save_lora_weights(
-            out,
-            **{
-                f"{self.denoiser_name}_lora_layers": state,
-                f"{self.denoiser_name}_lora_adapter_metadata": config.to_dict(),
-            },
-            weight_name=LORA_WEIGHT_NAME,
-            safe_serialization=True,
-        )
         record = {"family": self.family, "pipeline_class": type(self.pipe).__name__, "rank": config.r}
-        tmp = out / (LORA_FAMILY_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(out / LORA_FAMILY_FILE)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-lora-") as tmp:
+            type(self.pipe).save_lora_weights(
+                tmp,
+                **{
+                    f"{self.denoiser_name}_lora_layers": state,
+                    f"{self.denoiser_name}_lora_adapter_metadata": config.to_dict(),  # keeps alpha / rank
+                },
+                weight_name=LORA_WEIGHT_NAME,
+                safe_serialization=True,
+            )
+            (Path(tmp) / LORA_FAMILY_FILE).write_text(json.dumps(record, indent=2))
+            for name in (LORA_WEIGHT_NAME, LORA_FAMILY_FILE):
+                os.replace(Path(tmp) / name, out / name)
         return out
 
     def load_lora(self, lora_dir: str | Path, trainable: bool = False) -> None:

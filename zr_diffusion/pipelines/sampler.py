@@ -59,6 +59,10 @@ class SamplerConfig:
             raise ValueError(f"draft_lv must be >= 0, got {self.draft_lv}")
         if self.draft_lv and self.mode != "draft":
             raise ValueError(f"draft_lv={self.draft_lv} needs mode='draft', got mode={self.mode!r}")
+        if self.refl_window is not None and self.mode != "refl":
+            raise ValueError(f"refl_window={self.refl_window} needs mode='refl', got mode={self.mode!r}")
+        if self.window is not None and self.mode != "window":
+            raise ValueError(f"window={self.window} needs mode='window', got mode={self.mode!r}")
         if self.mode == "window" and self.window is None:
             raise ValueError(
                 "mode='window' needs window=(start, end), inclusive step indices in 0..num_steps-1"
