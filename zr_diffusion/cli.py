@@ -142,6 +142,11 @@ def lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
 COMMANDS: dict[str, Command] = {
     "score": Command("score images with a reward model, per rubric dimension", _score_args, _score),
     "make-tiny": Command("write a tiny offline VLM to try the commands on", _make_tiny_args, _make_tiny),
+    "train-reward": Command(
+        "train a reward model: gdso | grpo (teacher), risd (student), sft | rewarddance | opd (baselines)",
+        _recipe_args,
+        recipe("zr_diffusion.reward.config:TrainRewardConfig", "zr_diffusion.reward.train:train_reward"),
+    ),
     "eval-reward": Command(
         "evaluate a reward model: PLCC, SRCC, HPA, margin HPA, tokens per call, images/s",
         _recipe_args,

@@ -68,6 +68,8 @@ __all__ = [
     "run_training",
     "save_reward_model",
     "setup_policy",
+    "student_score_logits",
+    "teacher_probs",
 ]
 
 StepFn = Callable[[int, list[int]], dict[str, torch.Tensor]]
@@ -86,8 +88,12 @@ class Policy:
         the ``PeftModel`` under LoRA, the VLM itself under full fine-tuning.
     vlm: the ``*ForConditionalGeneration`` model (LoRA layers injected in place under LoRA).
     processor: its processor.
-    scorer: a :class:`VLMScorer` on ``vlm``; after :func:`run_training` prepares the model its
-        ``model`` is a :class:`PreparedVLM` so that forward passes go through the DDP wrapper.
+    scorer: a :class:`VLMScorer` on ``vlm`` for forward passes WITH gradients; after
+        :func:`run_training` prepares the model its ``model`` is a :class:`PreparedVLM`, so that
+        forward passes go through the DDP wrapper (gradient all-reduce).
+    plain_scorer: a :class:`VLMScorer` on the unwrapped ``vlm`` for work WITHOUT gradients
+        (rollouts with ``generate_reasoning``, old log-probs, evaluation): no DDP collective runs, so
+        ranks may call it a different number of times.
     params: the trainable parameters (float32).
     lora: whether LoRA adapters are trained.
     source: the folder or hub id the base weights came from.
@@ -97,6 +103,7 @@ class Policy:
     vlm: torch.nn.Module
     processor: Any
     scorer: VLMScorer
+    plain_scorer: VLMScorer
     params: list[torch.nn.Parameter]
     lora: bool
     source: str
@@ -205,14 +212,16 @@ def setup_policy(cfg: TrainRewardConfig, accelerator, model_path: str | None = N
         )
     model.to(accelerator.device)
     model.train()
-    scorer = VLMScorer(vlm, processor, cfg.grid.build())
+    grid = cfg.grid.build()
+    scorer = VLMScorer(vlm, processor, grid)
+    plain_scorer = VLMScorer(vlm, processor, grid, scorer.spec)
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
     accelerator.print(
         f"policy {source}: {'LoRA r=' + str(cfg.lora.rank) if cfg.lora.enabled else 'full fine-tuning'}, "
         f"{n_train:,} trainable of {n_all:,} parameters ({100 * n_train / max(n_all, 1):.3f}%)"
     )
-    return Policy(model, vlm, processor, scorer, params, cfg.lora.enabled, source)
+    return Policy(model, vlm, processor, scorer, plain_scorer, params, cfg.lora.enabled, source)
 
 
 def load_frozen(
@@ -421,16 +430,51 @@ def record_suffix_readout(
     return SuffixReadout(logprobs, mask, score_logits, score_logprobs)
 
 
+def teacher_probs(
+    scorer: VLMScorer, records: Sequence[ScoredRecord], rollout, num_samples: int = 1
+) -> torch.Tensor:
+    """Teacher-mode score distributions ``[B, S]``: ``num_samples`` sampled reasonings per record
+    (``rollout``: a RolloutConfig), q read after each score marker, averaged over the samples."""
+    from zr_diffusion.vlm.readout import generate_reasoning
+
+    out: list[torch.Tensor | None] = [None] * len(records)
+    for group in group_images(records, scorer.device):
+        features = scorer.encode_images(group.images)
+        recs = [records[p] for p in group.positions]
+        samples = generate_reasoning(
+            scorer,
+            features.select(group.image_index),
+            [r.prompt for r in recs],
+            [r.dimension for r in recs],
+            num_samples=num_samples,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            max_new_tokens=rollout.max_new_tokens,
+        )  # [B][R]
+        for p, outs in zip(group.positions, samples):
+            out[p] = torch.stack([s.probs.float() for s in outs]).mean(0)  # [S]
+    return torch.stack(out)  # [B, S]
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation during training
 
 
 @torch.no_grad()
 def eval_hpa(
-    scorer: VLMScorer, records: Sequence[ScoredRecord], dims: Sequence[str], batch_size: int
+    scorer: VLMScorer,
+    records: Sequence[ScoredRecord],
+    dims: Sequence[str],
+    batch_size: int,
+    mode: Mode = "student",
+    rollout=None,
 ) -> dict[str, float]:
-    """Student-mode μ of every record (of a dimension in ``dims``), then HPA (Eq. 17) over the
-    same-prompt, same-dimension pairs with different annotated scores.
+    """μ of every record (of a dimension in ``dims``), then HPA (Eq. 17) over the same-prompt,
+    same-dimension pairs with different annotated scores.
+
+    ``mode="student"``: q at the score position right after the prompt (one output token).
+    ``mode="teacher"``: one sampled reasoning per record (``rollout``: a RolloutConfig), q after the
+    score marker; the global RNG drives the sampling.
 
     Returns ``{"hpa": ..., "pairs": P, "records": N}``; ``hpa`` is left out when there is
     no such pair. Uses :func:`zr_diffusion.reward.evaluate.hpa` for the metric.
@@ -443,7 +487,10 @@ def eval_hpa(
     mu: dict[str, float] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        probs = score_distribution(student_score_logits(scorer, chunk)).float().cpu()  # [B, S]
+        if mode == "student":
+            probs = score_distribution(student_score_logits(scorer, chunk)).float().cpu()  # [B, S]
+        else:
+            probs = teacher_probs(scorer, chunk, rollout, num_samples=1).float().cpu()  # [B, S]
         for rec, m in zip(chunk, expected_score(probs, grid_values).tolist()):
             mu[rec.id] = m
     pairs = build_pairs(records)
@@ -458,11 +505,17 @@ def eval_hpa(
     return out
 
 
-def hpa_eval_fn(records: Sequence[ScoredRecord], dims: Sequence[str], batch_size: int) -> EvalFn | None:
+def hpa_eval_fn(
+    records: Sequence[ScoredRecord],
+    dims: Sequence[str],
+    batch_size: int,
+    mode: Mode = "student",
+    rollout=None,
+) -> EvalFn | None:
     """An ``eval_fn`` for :func:`run_training` computing :func:`eval_hpa` (None when no records)."""
     if not records:
         return None
-    return lambda scorer, step: eval_hpa(scorer, records, dims, batch_size)
+    return lambda scorer, step: eval_hpa(scorer, records, dims, batch_size, mode, rollout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,9 +646,14 @@ def run_training(
     prepared, optimizer = accelerator.prepare(policy.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     _register_trainable_checkpointing(accelerator, policy)
+    if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+        # The VLM's buffers are constants (rotary frequencies); syncing them in every forward would be
+        # a collective that ranks with different numbers of forward passes (image-size groups) skip.
+        for attr in ("forward_sync_buffers", "broadcast_buffers"):
+            if hasattr(prepared, attr):
+                setattr(prepared, attr, False)
     policy.prepared = prepared
     policy.scorer.model = PreparedVLM(prepared, policy.vlm)
-    eval_scorer = VLMScorer(policy.vlm, policy.processor, policy.scorer.grid, policy.scorer.spec)
 
     start = 0
     if cfg.resume:
@@ -615,7 +673,7 @@ def run_training(
         if accelerator.is_main_process:
             policy.model.eval()
             with torch.no_grad(), accelerator.autocast():
-                row = {k: float(v) for k, v in eval_fn(eval_scorer, step).items()}
+                row = {k: float(v) for k, v in eval_fn(policy.plain_scorer, step).items()}
             policy.model.train()
             history.eval.append({"step": step, **row})
             accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)

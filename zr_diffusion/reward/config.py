@@ -89,10 +89,13 @@ class DistillConfig:
     teacher: str = ""  # trained teacher folder or hub id
     teacher_rollouts: int = 1  # R teacher rollouts averaged per record (RISD; paper: 1)
     cache_dir: str | None = None  # teacher-target cache; default <output_dir>/teacher_cache
+    teacher_batch_size: int = 8  # records per teacher rollout batch while building the cache (RISD)
 
     def __post_init__(self) -> None:
         if self.teacher_rollouts < 1:
             raise ValueError(f"distill.teacher_rollouts must be >= 1, got {self.teacher_rollouts}")
+        if self.teacher_batch_size < 1:
+            raise ValueError(f"distill.teacher_batch_size must be >= 1, got {self.teacher_batch_size}")
 
 
 @dataclass
