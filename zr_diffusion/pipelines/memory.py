@@ -1,10 +1,10 @@
 """Measuring what a differentiable sampler keeps for backward, on any device.
 
 ``SavedTensorMeter`` counts the bytes of the distinct tensors autograd saves for backward while it is
-active (the activations a graph holds until ``backward``), leaving out the given parameters. Inside a
-non-reentrant ``torch.utils.checkpoint`` region autograd saves nothing (the region's own hooks take
-over), so a checkpointed call shows up only through what it saves outside that region; the inputs it
-keeps for recomputation are not counted.
+active (the activations a graph holds until ``backward``), leaving out the given parameters. A
+non-reentrant ``torch.utils.checkpoint`` call shows up as the inputs it keeps for recomputation (they
+are saved through these hooks); what it saves inside its region goes to the region's own hooks and is
+recomputed in backward, a transient this meter does not see.
 """
 
 from __future__ import annotations
