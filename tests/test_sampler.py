@@ -22,6 +22,15 @@ def _config(num_steps: int, **kw) -> SamplerConfig:
     return SamplerConfig(num_steps=num_steps, guidance_scale=7.5, height=SIZE, width=SIZE, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine idle-spinning threads cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     return make_tiny_t2i(tmp_path_factory.mktemp("sd"), "sd", sample_size=SIZE)
@@ -100,6 +109,12 @@ def test_refl_one_grad_step_in_its_window_scores_x0_prediction(adapter, grad_fla
 
 def test_refl_default_window_is_the_last_quarter():
     assert _config(40, mode="refl").resolved_refl_window() == (30, 39)  # ReFL's T=40, s in [30, 39]
+
+
+def test_refl_at_the_last_step_still_scores_x0_prediction(adapter, grad_flags):
+    out = sample(adapter, PROMPTS, _config(3, mode="refl", refl_window=(2, 2)), seed=0)
+    assert grad_flags == [False, False, True]
+    assert out.info.scored == "pred_x0" and out.info.stop_step == 2
 
 
 def test_draft_lv_adds_renoised_copies_of_the_last_step(adapter, grad_flags):

@@ -7,7 +7,7 @@ steps (indices 0..T-1 in sampling order), so memory does not grow with the numbe
   ``draft_lv = n`` (DRaFT-LV) adds n copies of the last step: the final sample is re-noised to the
   last step's noise level with fresh noise and denoised again with a graph; all 1 + n are scored.
 - ``refl``   (ReFL): no-grad to a step s drawn uniformly from ``refl_window``, one step with gradient
-  at s, and the predicted clean image at s is scored; later steps are not run.
+  at s, and the predicted clean image at s is scored (also when s = T - 1); later steps are not run.
 - ``window`` gradient through steps [start, end]; reaches earlier steps than DRaFT-K without running
   the steps after ``end``: when end < T - 1 the predicted clean image at ``end`` is scored, when
   end = T - 1 the final sample is (``window=(T - K, T - 1)`` is DRaFT-K).
@@ -160,7 +160,7 @@ def sample(
         step = _step_with_grad(adapter, x, i, cond, config.checkpoint_denoiser)
         x = step.prev_latents
         info.grad_steps.append(i)
-    if step is not None and end < T - 1:  # refl / early window: score the clean prediction
+    if step is not None and (config.mode == "refl" or end < T - 1):  # score the clean prediction
         x, info.scored, info.stop_step = step.pred_x0, "pred_x0", end
 
     latents, image_prompts = [x], list(prompts)
