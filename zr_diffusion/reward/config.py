@@ -71,12 +71,28 @@ class GDSOConfig:
     eps: float = 1e-6  # advantage normaliser
     clip_eps: float = 0.2  # PPO ratio clip
     reward_from: Literal["expectation", "parsed_text"] = "expectation"  # the paper's ablation (Fig. 4)
+    # M rollout batches per iteration. Algorithm 1 makes N x M x K optimizer steps, and run.max_steps
+    # must equal that product; null derives M = run.max_steps / (N x K), which must be a whole number.
+    steps_per_iteration: int | None = None
+    # (H, W): resize every training image to this size; null: all training images must share one size
+    # (a batch is one tensor; checked at start-up from the file headers)
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise ValueError(f"gdso.group_size (G) must be >= 1, got {self.group_size}")
         if self.iterations < 1 or self.updates_per_batch < 1:
             raise ValueError("gdso.iterations and gdso.updates_per_batch must be >= 1")
+        if self.steps_per_iteration is not None and self.steps_per_iteration < 1:
+            raise ValueError(
+                f"gdso.steps_per_iteration (M) must be >= 1 or null, got {self.steps_per_iteration}"
+            )
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ValueError(f"gdso.image_size must be [H, W] with H, W >= 1 or null, got {self.image_size}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"gdso.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not self.eps > 0:
+            raise ValueError(f"gdso.eps must be > 0, got {self.eps}")
         for name in ("lambda_pt", "lambda_pw", "alpha_pt", "alpha_pw", "beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"gdso.{name} must be >= 0, got {getattr(self, name)}")
