@@ -534,6 +534,9 @@ class _History:
     train: list[dict] = field(default_factory=list)
     eval: list[dict] = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        return {"train": self.train, "eval": self.eval}
+
 
 def _register_trainable_checkpointing(accelerator, policy: Policy) -> None:
     """Checkpoints hold the trainable parameters only (not the frozen base: a 9B model would
@@ -639,6 +642,12 @@ def run_training(
         )
     if num_examples < 1:
         raise ValueError("the training set is empty")
+    if str(accelerator.distributed_type).endswith("FSDP"):
+        raise ValueError(
+            "the reward recipes do not run under FSDP: VLMScorer runs the vision tower outside the "
+            "wrapped forward (one vision pass for all dimensions), where FSDP's parameters are still "
+            "sharded; launch with configs/accelerate/ddp.yaml (LoRA) instead"
+        )
 
     optimizer = build_optimizer(policy.params, cfg.optim)
     # The scheduler is not prepared: accelerate would step it once per process per optimizer step.
@@ -736,6 +745,8 @@ def run_training(
         if run.eval_every and done % run.eval_every == 0 and done != run.max_steps:
             evaluate(done)
         if run.save_every and done % run.save_every == 0:
+            if accelerator.is_main_process:  # the log so far, so that a resumed run continues it
+                atomic_write_json(metrics_path, {"method": cfg.method, "steps": done, **history.as_dict()})
             save_checkpoint(accelerator, out, done, keep=run.keep_checkpoints)
             last_saved = done
 
