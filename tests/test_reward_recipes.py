@@ -258,3 +258,38 @@ def test_nan_loss_never_reaches_the_optimizer(world, tmp_path, monkeypatch):
         main(_args(world, "sft", tmp_path / "out", "run.max_steps=3"))
     assert calls == {"forward": 2, "optimizer": 1}  # step 0 stepped, step 1 stopped before backward
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_peft_policy_scorer_matches_the_saved_merged_model(world, tmp_path):
+    """The scorer bound to the LoRA-wrapped policy reads the same q as the merged model folder."""
+    from zr_diffusion.config import load_config
+    from zr_diffusion.data import load_records
+    from zr_diffusion.reward.common import save_reward_model, setup_policy, student_score_logits
+    from zr_diffusion.reward.config import TrainRewardConfig
+    from zr_diffusion.reward.model import ZRewardModel
+
+    cfg = load_config(TrainRewardConfig, CONFIGS / "sft_tiny.yaml", _args(world, "sft", tmp_path)[3:])
+
+    class _Acc:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def print(*a, **k):
+            pass
+
+    policy = setup_policy(cfg, _Acc())
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    policy.model.eval()
+    record = load_records(world["train"])[0]
+    with torch.no_grad():
+        q_policy = torch.softmax(student_score_logits(policy.scorer, [record]), -1)[0]  # [S]
+    save_reward_model(policy, tmp_path / "model")
+    reward = ZRewardModel.from_pretrained(tmp_path / "model", dimensions=[record.dimension])
+    from zr_diffusion.data import load_image
+
+    q_saved = reward(load_image(record.image)[None], [record.prompt]).probs[0, 0]
+    torch.testing.assert_close(q_saved, q_policy, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(q_policy, torch.softmax(torch.zeros_like(q_policy), -1))
