@@ -123,7 +123,7 @@ class TrainRewardConfig:
     trust_remote_code: bool = False
     dtype: Dtype = "float32"  # weights of frozen parts; trainable weights stay float32
     gradient_checkpointing: bool = False
-    train_vision_tower: bool = False  # also adapt (LoRA) or fine-tune (full) the vision tower; frozen by default
+    train_vision_tower: bool = False  # also LoRA / fine-tune the vision tower (frozen by default)
     batch_size: int = 4  # global: preference pairs for gdso/grpo, records otherwise
     eval_batch_size: int = 8
     grid: GridConfig = field(default_factory=GridConfig)
