@@ -107,26 +107,24 @@ def _scale_text(grid: ScoreGrid) -> str:
     return f"Scores run from {grid.s_min:g} to {grid.s_max:g} in steps of {grid.step:g}; write the score as one token: {pairs}."
 
 
-def student_instruction(prompt: str, dimension: str, grid: ScoreGrid) -> str:
-    """Student template: the answer is the score token alone, right after this instruction."""
+def _instruction_head(prompt: str, dimension: str, grid: ScoreGrid) -> str:
     dim = get_dimension(dimension)
     return (
         f"Rate the image for {dim.title}. {dim.question}\n"
         f"Rubric:\n{dim.rubric_text()}\n"
         f"{_scale_text(grid)}\n"
         f"Prompt: {prompt}\n"
-        f"Answer with the score token only."
     )
+
+
+def student_instruction(prompt: str, dimension: str, grid: ScoreGrid) -> str:
+    """Student template: the answer is the score token alone, right after this instruction."""
+    return _instruction_head(prompt, dimension, grid) + "Answer with the score token only."
 
 
 def teacher_instruction(prompt: str, dimension: str, grid: ScoreGrid) -> str:
     """Teacher template: reason about the image first, then write the marker and the score token."""
-    dim = get_dimension(dimension)
-    return (
-        f"Rate the image for {dim.title}. {dim.question}\n"
-        f"Rubric:\n{dim.rubric_text()}\n"
-        f"{_scale_text(grid)}\n"
-        f"Prompt: {prompt}\n"
+    return _instruction_head(prompt, dimension, grid) + (
         f"First describe what you see and reason about the rubric, then write '{SCORE_MARKER}' "
         f"followed by the score token."
     )
