@@ -127,6 +127,23 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_tiny_t2i_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", help="folder to write the tiny pipeline to")
+    p.add_argument(
+        "--family", required=True, choices=("sd", "sdxl", "flux", "zimage"), help="pipeline family"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-size", type=int, default=32, help="image side in pixels (a multiple of 16)")
+
+
+def _make_tiny_t2i(args: argparse.Namespace) -> int:
+    from zr_diffusion.pipelines.tiny import make_tiny_t2i
+
+    path = make_tiny_t2i(args.out_dir, args.family, seed=args.seed, sample_size=args.sample_size)
+    print(f"wrote a tiny {args.family} pipeline (random weights, {args.sample_size} px) to {path}")
+    return 0
+
+
 def _gsb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", required=True, help="answers JSON downloaded from the review page")
     p.add_argument("--key", required=True, help="key JSON written beside the review page's folder")
@@ -156,6 +173,29 @@ COMMANDS: dict[str, Command] = {
         "turn a person's answers from the review page into GSB",
         _gsb_args,
         lazy("zr_diffusion.pipelines.gsb:cli_run"),
+    ),
+    "finetune-t2i": Command(
+        "LoRA-tune a diffusers pipeline with the differentiable Z-Reward (reward gradients)",
+        _recipe_args,
+        recipe(
+            "zr_diffusion.pipelines.config:FinetuneT2IConfig",
+            "zr_diffusion.pipelines.reward_finetune:finetune_t2i",
+        ),
+    ),
+    "train-t2i-sft": Command(
+        "LoRA-tune a diffusers pipeline with the denoising loss on (prompt, image) records",
+        _recipe_args,
+        recipe("zr_diffusion.pipelines.config:SFTT2IConfig", "zr_diffusion.pipelines.sft:train_t2i_sft"),
+    ),
+    "eval-t2i": Command(
+        "GSB of two generators (base or LoRA A vs LoRA B) with a judge; writes the review page",
+        _recipe_args,
+        recipe("zr_diffusion.pipelines.config:EvalT2IConfig", "zr_diffusion.pipelines.evaluate:evaluate_t2i"),
+    ),
+    "make-tiny-t2i": Command(
+        "write a tiny offline diffusers pipeline to try the t2i commands on",
+        _make_tiny_t2i_args,
+        _make_tiny_t2i,
     ),
 }
 
