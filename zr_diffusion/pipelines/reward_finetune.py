@@ -289,6 +289,42 @@ def validate(
     return entry
 
 
+def train_step(
+    step: int,
+    prompts: list[str],
+    adapter: T2IAdapter,
+    reward_model,
+    params: list[torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    accelerator,
+    cfg: FinetuneT2IConfig,
+) -> dict:
+    """One optimizer step over the step's global batch; returns its logs, averaged over processes."""
+    accum, device = cfg.run.grad_accum, accelerator.device
+    micro = cfg.batch_size // accum
+    generator = step_generator(cfg.run.seed, step, accelerator.process_index)  # this step's noise here
+    indices = batch_indices(len(prompts), cfg.batch_size, cfg.run.seed, step)  # [batch_size]
+    sums = torch.zeros(3, device=device)  # loss, reward, reg
+    mu_sum = torch.zeros(len(reward_model.dimensions), device=device)  # [D]
+    for m in range(accum):
+        local = shard([prompts[i] for i in indices[m * micro : (m + 1) * micro]], accelerator)
+        with accelerator.autocast():
+            terms = reward_loss(
+                adapter, reward_model, local, cfg.sampler, generator, cfg.negative_prompt, cfg.reg_weight
+            )
+        check_finite_everywhere(terms.loss, accelerator, step)
+        accelerator.backward(terms.loss)
+        sums += torch.stack([terms.loss, terms.reward.mean(), terms.reg]).detach().float() / accum
+        mu_sum += terms.mu.detach().float().mean(0) / accum
+    grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
+    loss, reward, reg = accelerator.reduce(sums).tolist()
+    mu = accelerator.reduce(mu_sum).tolist()  # [D]
+    logs = {"step": step + 1, "loss": loss, "reward": reward, "reg": reg}
+    logs |= {f"mu/{d}": v for d, v in zip(reward_model.dimensions, mu)}
+    return logs | {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+
 # ---- the recipe ------------------------------------------------------------------------------------
 
 
@@ -304,8 +340,8 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
     if cfg.validation.enabled:
         val_prompts = load_prompts(cfg.validation.prompts) if cfg.validation.prompts else prompts
         val_prompts = val_prompts[: cfg.validation.num_prompts]
-    micro = cfg.batch_size // cfg.run.grad_accum
-    if micro % accelerator.num_processes:
+    if (cfg.batch_size // cfg.run.grad_accum) % accelerator.num_processes:
+        micro = cfg.batch_size // cfg.run.grad_accum
         raise ValueError(
             f"a micro-batch of {micro} prompts (batch_size={cfg.batch_size} / run.grad_accum="
             f"{cfg.run.grad_accum}) does not split over {accelerator.num_processes} processes"
@@ -345,7 +381,6 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
     )
 
     # -- train
-    rank = accelerator.process_index
     bar = progress(
         range(start, cfg.run.max_steps),
         accelerator,
@@ -355,30 +390,10 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
         start,
     )
     for step in bar:
-        generator = step_generator(cfg.run.seed, step, rank)  # this step's noise on this process
-        indices = batch_indices(len(prompts), cfg.batch_size, cfg.run.seed, step)  # [batch_size]
-        sums = {"loss": 0.0, "reward": 0.0, "reg": 0.0}
-        mu_sum = torch.zeros(len(reward_model.dimensions), device=device)
-        for m in range(cfg.run.grad_accum):
-            local = shard([prompts[i] for i in indices[m * micro : (m + 1) * micro]], accelerator)
-            with accelerator.autocast():
-                terms = reward_loss(
-                    adapter, reward_model, local, cfg.sampler, generator, cfg.negative_prompt, cfg.reg_weight
-                )
-            check_finite_everywhere(terms.loss, accelerator, step)
-            accelerator.backward(terms.loss)
-            sums["loss"] += float(terms.loss.detach()) / cfg.run.grad_accum
-            sums["reward"] += float(terms.reward.detach().mean()) / cfg.run.grad_accum
-            sums["reg"] += float(terms.reg.detach()) / cfg.run.grad_accum
-            mu_sum += terms.mu.detach().float().mean(0) / cfg.run.grad_accum
-        grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
+        logs = train_step(
+            step, prompts, adapter, reward_model, params, optimizer, scheduler, accelerator, cfg
+        )
         completed = step + 1
-
-        stats = accelerator.reduce(torch.tensor([sums["loss"], sums["reward"], sums["reg"]], device=device))
-        mu_mean = accelerator.reduce(mu_sum)  # [D]
-        logs = {"step": completed, "loss": float(stats[0]), "reward": float(stats[1]), "reg": float(stats[2])}
-        logs |= {f"mu/{d}": float(mu_mean[i]) for i, d in enumerate(reward_model.dimensions)}
-        logs |= {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
         history.add("train", logs)
         if completed % cfg.run.log_every == 0 or completed == cfg.run.max_steps:
             accelerator.log(
