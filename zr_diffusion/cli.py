@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
         if os.environ.get("ZR_DEBUG"):
             raise
         print(f"zr {args.command}: error: {e}", file=sys.stderr)
