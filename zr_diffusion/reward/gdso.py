@@ -412,7 +412,7 @@ class GDSOStep:
                 )
             self._cache, self._cache_batch = {}, r
         if micro not in self._cache:
-            if micro == 0 and m == 0 and k == 0 and self.cfg.gdso.beta > 0:
+            if micro == 0 and self.schedule.starts_iteration(step) and self.cfg.gdso.beta > 0:
                 self.reference.reset()  # π_ref ← π_θ at the start of iteration n
             self._cache[micro] = self._sample(r, micro)
         cached = self._cache[micro]

@@ -11,8 +11,9 @@ then one score token a. **(ours)** ``a`` is sampled from the score distribution 
 policy's next-token distribution conditioned on writing a score token, so every output ends in a
 valid score. Its log-probability in the policy-gradient loss is that of the full-vocabulary policy,
 ``log π(a | …) = logit_a − logsumexp(all logits)``, so the loss also raises (or lowers) the mass the
-policy puts on score tokens at all. Token log-probs are the model's own (temperature 1), as in the
-GRPO paper; the shipped configs sample at τ = 1, where the rollout policy is exactly π_old.
+policy puts on score tokens at all. Token log-probs are the model's own (temperature 1, no top-p
+filter), as in the GRPO paper and trl; the shipped configs sample at τ = 1 and top-p = 1, where the
+rollout policy is exactly π_old.
 """
 
 from __future__ import annotations
