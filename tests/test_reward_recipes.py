@@ -8,6 +8,7 @@ inputs stop early with a message that says what is wrong.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -232,9 +233,8 @@ def test_empty_training_data_is_an_error(world, tmp_path, capsys):
     assert "has no records" in capsys.readouterr().err
 
 
-def test_nan_loss_never_reaches_the_optimizer(world, tmp_path, monkeypatch):
+def test_nan_loss_never_reaches_the_optimizer(world, tmp_path, monkeypatch, capsys):
     import zr_diffusion.reward.baselines.sft as sft
-    from zr_diffusion.training import NonFiniteLossError
 
     real = sft.answer_logits
     calls = {"forward": 0, "optimizer": 0}
@@ -252,10 +252,10 @@ def test_nan_loss_never_reaches_the_optimizer(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sft, "answer_logits", poisoned)
     monkeypatch.setattr(torch.optim.AdamW, "step", counted_step)
-    with pytest.raises(
-        NonFiniteLossError, match=r"step 1: loss term 'loss' is .*nan.*optimizer step was skipped"
-    ):
-        main(_args(world, "sft", tmp_path / "out", "run.max_steps=3"))
+    assert main(_args(world, "sft", tmp_path / "out", "run.max_steps=3")) == 2
+    assert re.search(
+        r"step 1: loss term 'loss' is .*nan.*optimizer step was skipped", capsys.readouterr().err
+    )
     assert calls == {"forward": 2, "optimizer": 1}  # step 0 stepped, step 1 stopped before backward
     assert not (tmp_path / "out" / "model").exists()
 
