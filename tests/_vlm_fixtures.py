@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
 import tempfile
@@ -11,7 +10,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from zr_diffusion.vlm.tiny import FAMILIES, make_tiny_vlm  # noqa: E402
 
@@ -31,16 +29,4 @@ def tiny_vlm_dir(family: str = "qwen2_vl", size: str = "tiny", seed: int = 0) ->
     return _BUILT[key]
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second thread
-    spins against other processes (10x slower under load); run them single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-__all__ = ["FAMILIES", "one_torch_thread", "tiny_vlm_dir"]
+__all__ = ["FAMILIES", "tiny_vlm_dir"]

@@ -64,14 +64,6 @@ def write_pair_records(folder: str | Path, size: int = SIZE, seed: int = 0) -> P
     return root / "train.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # module scope: autouse fixtures run before the module's other fixtures
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only contends on the shared 2-core machines
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny Qwen3.5, 5 records (4 pairs), a file with no pair, and one with a second image size."""

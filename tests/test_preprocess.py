@@ -11,11 +11,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-try:  # tests/ on sys.path (rootdir mode) or tests as a package
-    from _vlm_fixtures import one_torch_thread
-except ImportError:  # pragma: no cover
-    from tests._vlm_fixtures import one_torch_thread
-
 from zr_diffusion.vlm.preprocess import (  # noqa: E402
     VisionSpec,
     from_minus_one_one,
@@ -27,12 +22,6 @@ from zr_diffusion.vlm.tiny import build_tiny_processor  # noqa: E402
 
 # Qwen2-VL style: patch 14, CLIP mean/std; Qwen3.5 style: patch 16, mean 0.5 / std 0.5
 STYLES = ["qwen2_vl", "qwen3_5"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module", params=STYLES)

@@ -11,23 +11,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-try:  # tests/ on sys.path (rootdir mode) or tests as a package
-    from _vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
-except ImportError:  # pragma: no cover
-    from tests._vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
-
+from tests._vlm_fixtures import FAMILIES, tiny_vlm_dir  # noqa: E402
 from zr_diffusion.reward.model import RewardOutput, ZRewardModel  # noqa: E402
 from zr_diffusion.rubric import DEFAULT_DIMENSIONS  # noqa: E402
 from zr_diffusion.scores import score_distribution  # noqa: E402
 from zr_diffusion.vlm.readout import find_marker_end, generate_reasoning, marker_variants  # noqa: E402
 
 PROMPTS = ["a red circle", "two green triangles next to a yellow star above a blue square"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 def _side(family: str) -> int:

@@ -24,14 +24,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "reward"
 FAMILY = "qwen2_vl"  # the fastest tiny family on a CPU; the YAMLs' qwen3_5 runs the same code
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on the shared 2-core machines
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward_recipes")

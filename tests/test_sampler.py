@@ -22,15 +22,6 @@ def _config(num_steps: int, **kw) -> SamplerConfig:
     return SamplerConfig(num_steps=num_steps, guidance_scale=7.5, height=SIZE, width=SIZE, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine idle-spinning threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     return make_tiny_t2i(tmp_path_factory.mktemp("sd"), "sd", sample_size=SIZE)

@@ -10,11 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-try:  # tests/ on sys.path (rootdir mode) or tests as a package
-    from _vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
-except ImportError:  # pragma: no cover
-    from tests._vlm_fixtures import FAMILIES, one_torch_thread, tiny_vlm_dir
-
+from tests._vlm_fixtures import FAMILIES, tiny_vlm_dir  # noqa: E402
 from zr_diffusion.scores import ScoreGrid, ScoreTokenError, score_token_ids  # noqa: E402
 from zr_diffusion.vlm.loading import SUPPORTED_FAMILIES, UnsupportedModelError, load_vlm, resolve_dtype  # noqa: E402
 from zr_diffusion.vlm.readout import VLMScorer  # noqa: E402
@@ -26,12 +22,6 @@ PROCESSORS = {
     "qwen3_vl": "Qwen3VLProcessor",
     "qwen3_5": "Qwen3VLProcessor",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.mark.parametrize("family", FAMILIES)
