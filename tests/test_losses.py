@@ -12,7 +12,6 @@ import torch
 
 from zr_diffusion.reward.losses import (
     PolicyLossOutput,
-    check_finite,
     combined_reward,
     group_advantages,
     opd_advantages,
@@ -429,14 +428,3 @@ def test_policy_gradient_loss_errors():
         policy_gradient_loss(x, x, torch.zeros(2), m, clip_eps=1.5)
     with pytest.raises(ValueError, match=r"logprobs \[N,T\]=\(2,3\) and old_logprobs \(2,4\)"):
         policy_gradient_loss(x, torch.zeros(2, 4), torch.zeros(2), m)
-
-
-# ---------------------------------------------------------------------------------------- check_finite
-
-
-def test_check_finite():
-    check_finite(torch.tensor(1.5), "pairwise_gap", step=3)
-    with pytest.raises(FloatingPointError, match=r"'pairwise_gap' is not finite at step 7: value nan"):
-        check_finite(torch.tensor(float("nan")), "pairwise_gap", step=7)
-    with pytest.raises(FloatingPointError, match=r"'risd'.*iteration 2 step 4.*1/3 non-finite"):
-        check_finite(torch.tensor([0.0, float("inf"), 1.0]), "risd", step="iteration 2 step 4")

@@ -97,11 +97,11 @@ class NonFiniteLossError(FloatingPointError):
     """A loss was NaN or infinite; the optimizer step was not taken."""
 
 
-def ensure_finite(loss: torch.Tensor, name: str, step: int) -> None:
+def ensure_finite(loss: torch.Tensor, name: str, step: int | str | None = None) -> None:
     """Stop before ``backward`` when ``loss`` is NaN/inf, so such a loss never reaches the optimizer."""
     if not torch.isfinite(loss.detach()).all():
         raise NonFiniteLossError(
-            f"step {step}: loss term {name!r} is {loss.detach().float().tolist()}; the optimizer step was "
+            f"{'' if step is None else f'step {step}: '}loss term {name!r} is {loss.detach().float().tolist()}; the optimizer step was "
             f"skipped and training stopped. Lower optim.lr, check the data, or use mixed_precision=no."
         )
 

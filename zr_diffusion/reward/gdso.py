@@ -27,7 +27,6 @@ import torch
 from zr_diffusion.data.records import PreferencePair, build_pairs
 from zr_diffusion.reward.losses import (
     PolicyLossOutput,
-    check_finite,
     combined_reward,
     group_advantages,
     pairwise_gap_loss,
@@ -48,6 +47,7 @@ from zr_diffusion.reward.rollouts import (
     vision_trainable,
 )
 from zr_diffusion.scores import ScoreGrid, expected_score, score_distribution
+from zr_diffusion.training import ensure_finite
 
 # --------------------------------------------------------------------------------------------------
 # schedule
@@ -206,7 +206,7 @@ def gdso_loss(
     used for K > 1 updates (with K = 1 the ratio is 1 and the gradient is ``−A ∇log π``), plus β·KL to
     π_ref. The direct losses use the score distributions of ``readout`` (this update's forward pass).
     A term whose weight is 0 is reported but not added, so a non-finite value there cannot poison the
-    objective. With ``check`` every added term is checked for NaN/inf here (``check_finite``); the
+    objective. With ``check`` every added term is checked for NaN/inf here (``training.ensure_finite``); the
     training loop passes ``check=False`` and checks the returned terms on every process at once
     before ``backward`` (a raise on one process alone would leave the others waiting).
 
@@ -237,7 +237,7 @@ def gdso_loss(
         beta=gdso.beta,
     )
     if check:
-        check_finite(policy.loss, "policy_gradient", step)
+        ensure_finite(policy.loss, "policy_gradient", step)
 
     log_q = torch.log_softmax(readout.score_logits.float(), dim=-1)  # [B, 2, G, S]
     bins = rollout.pairs.score_bins.to(device)  # [B, 2]
@@ -250,10 +250,10 @@ def gdso_loss(
     for name, weight, term in (("pointwise_ce", alpha_pt, ce), ("pairwise_gap", alpha_pw, pw)):
         if weight > 0:
             if check:
-                check_finite(term, name, step)
+                ensure_finite(term, name, step)
             loss = loss + weight * term
     if check:
-        check_finite(loss, "gdso_total", step)
+        ensure_finite(loss, "gdso_total", step)
     return LossTerms(loss, policy, ce.detach(), pw.detach())
 
 

@@ -14,7 +14,6 @@ import torch
 
 __all__ = [
     "PolicyLossOutput",
-    "check_finite",
     "combined_reward",
     "group_advantages",
     "opd_advantages",
@@ -437,30 +436,3 @@ def policy_gradient_loss(
 
     clip_fraction = _masked_seq_mean(clipped.to(logprobs.dtype), mask).detach()
     return PolicyLossOutput(loss=pg_loss + beta * kl, pg_loss=pg_loss, kl=kl, clip_fraction=clip_fraction)
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def check_finite(loss: torch.Tensor, name: str, step: int | str | None = None) -> None:
-    """Raise FloatingPointError if ``loss`` holds NaN or inf; call before ``backward()``.
-
-    Args:
-        loss: a loss term (any shape).
-        name: the term's name, e.g. ``"pairwise_gap"``.
-        step: where training is, e.g. ``1200`` or ``"iteration 2 step 40 update 1"``.
-    """
-    finite = torch.isfinite(loss.detach())
-    if bool(finite.all()):
-        return
-    where = "" if step is None else f" at step {step}"
-    bad = loss.detach()[~finite]
-    detail = (
-        f"value {bad.item()}"
-        if loss.numel() == 1
-        else f"{bad.numel()}/{loss.numel()} non-finite, e.g. {bad[:4].tolist()}"
-    )
-    raise FloatingPointError(
-        f"loss term '{name}' is not finite{where}: {detail}; skip backward and check its inputs "
-        "(learning rate, masked padding, log of zero)"
-    )
