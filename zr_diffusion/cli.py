@@ -32,7 +32,25 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="resume from the last checkpoint in the output folder"
     )
+    p.add_argument(
+        "--skip-bad", action="store_true", help="report bad data records and skip them instead of stopping"
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def _skip_bad_key(cls: type) -> str:
+    """The config key that turns on skipping bad records: ``skip_bad`` or ``<section>.skip_bad``."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    if "skip_bad" in hints:
+        return "skip_bad"
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub) and "skip_bad" in typing.get_type_hints(sub):
+            return f"{f.name}.skip_bad"
+    raise ValueError(f"--skip-bad: {cls.__name__} reads no scored records, so there is nothing to skip")
 
 
 def recipe(config_cls: str, function: str) -> Callable[[argparse.Namespace], int | None]:
@@ -45,6 +63,8 @@ def recipe(config_cls: str, function: str) -> Callable[[argparse.Namespace], int
         overrides = list(args.overrides)
         if getattr(args, "resume", False):
             overrides.append("resume=true")
+        if getattr(args, "skip_bad", False):
+            overrides.append(f"{_skip_bad_key(cls)}=true")
         cfg = load_config(cls, args.config, overrides)
         _import(function)(cfg)
         return 0
@@ -144,6 +164,37 @@ def _make_tiny_t2i(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="+", help="record files (.jsonl or .parquet)")
+    p.add_argument(
+        "--dimensions", nargs="+", default=None, help="valid dimensions (default: the four of the rubric)"
+    )
+    p.add_argument(
+        "--require-rationale", action="store_true", help="every record needs a rationale (RewardDance)"
+    )
+    p.add_argument("--skip-bad", action="store_true", help="report bad records and count the rest")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from zr_diffusion.data import build_pairs, load_records
+
+    for path in args.data:
+        records = load_records(
+            path, dimensions=args.dimensions, skip_bad=args.skip_bad, require_rationale=args.require_rationale
+        )
+        pairs = build_pairs(records)
+        per_dim = Counter(r.dimension for r in records)
+        multi = sum(len(r.scores) > 1 for r in records)
+        print(
+            f"{path}: {len(records)} valid records ({multi} with several annotators), "
+            f"{len(pairs)} same-prompt pairs ({sum(p.gap > 0.5 for p in pairs)} with |gap| > 0.5); "
+            + ", ".join(f"{d}: {n}" for d, n in sorted(per_dim.items()))
+        )
+    return 0
+
+
 def _gsb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answers", required=True, help="answers JSON downloaded from the review page")
     p.add_argument("--key", required=True, help="key JSON written beside the review page's folder")
@@ -159,6 +210,9 @@ def lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
 COMMANDS: dict[str, Command] = {
     "score": Command("score images with a reward model, per rubric dimension", _score_args, _score),
     "make-tiny": Command("write a tiny offline VLM to try the commands on", _make_tiny_args, _make_tiny),
+    "validate-data": Command(
+        "check record files and count their same-prompt pairs", _validate_args, _validate
+    ),
     "train-reward": Command(
         "train a reward model: gdso | grpo (teacher), risd (student), sft | rewarddance | opd (baselines)",
         _recipe_args,

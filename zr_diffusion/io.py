@@ -78,3 +78,22 @@ def write_dir_atomically(path: str | Path, write: Callable[[Path], None]) -> Pat
     with atomic_dir(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+def check_model_source(source: str | Path, what: str = "model") -> str:
+    """A local folder that exists, or something shaped like a hub id (``name`` or ``namespace/name``).
+
+    A path that can only be local (absolute, ``./``-relative, or with more than one ``/``) and does not
+    exist is reported here, instead of as a hub lookup error from deep inside ``from_pretrained``.
+    """
+    text = str(source)
+    if Path(text).exists():
+        if not Path(text).is_dir():
+            raise FileNotFoundError(f"{what} {text} is a file; give the folder written by save_pretrained")
+        return text
+    local_only = Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
+    if local_only:
+        raise FileNotFoundError(
+            f"{what} folder {text} does not exist (and it is not a hub id 'namespace/name')"
+        )
+    return text

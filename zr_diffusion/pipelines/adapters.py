@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from zr_diffusion.io import check_model_source
 from zr_diffusion.pipelines.base import T2IAdapter
 from zr_diffusion.pipelines.flux import FluxAdapter
 from zr_diffusion.pipelines.sd import SDAdapter
@@ -41,6 +42,7 @@ def load_adapter(
     device: str | torch.device = "cpu",
 ) -> T2IAdapter:
     """Load the pipeline at ``path`` and wrap it in its family's adapter (family detected when None)."""
+    path = check_model_source(path, "pipeline")
     family = family or detect_family(path)
     if family not in ADAPTERS:
         raise ValueError(f"unknown family {family!r}; valid: {sorted(ADAPTERS)}")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from zr_diffusion.io import check_model_source
+
 # model_type in config.json -> the transformers class that scores and generates
 SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -57,7 +59,7 @@ def load_vlm(
     """
     from transformers import AutoConfig, AutoProcessor
 
-    source = str(path_or_id)
+    source = check_model_source(path_or_id, "reward model")
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     model_cls = model_class_for(config.model_type)
     kwargs = {}
