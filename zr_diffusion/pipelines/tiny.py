@@ -60,7 +60,7 @@ class TinySpec:
 
     sample_size: int = 32
     channels: int = 8
-    max_text_len: int = 16
+    max_text_len: int = 77  # byte-level tokens: 77 characters, like real CLIP's 77 tokens
 
     def __post_init__(self) -> None:
         if self.sample_size % 16 != 0 or self.sample_size <= 0:
