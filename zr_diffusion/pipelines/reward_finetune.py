@@ -189,6 +189,34 @@ class History:
 # ---- the loss --------------------------------------------------------------------------------------
 
 
+class LoraRun(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start: int  # the first step to run (0, or the resumed checkpoint's step)
+    history: History
+
+
+def start_lora_run(accelerator, adapter: T2IAdapter, params, cfg, name: str) -> LoraRun:
+    """Optimizer, schedule, resume and run records shared by the t2i LoRA recipes (``cfg`` has
+    ``optim``, ``run`` and ``resume``)."""
+    out_dir = Path(cfg.run.output_dir)
+    raw_optimizer = build_optimizer(params, cfg.optim)
+    # The schedule steps once per optimizer step, so it is kept out of accelerator.prepare (which
+    # would step it once per process) and checkpointed as a registered object.
+    scheduler = build_scheduler(raw_optimizer, cfg.optim, cfg.run.max_steps)
+    optimizer = accelerator.prepare(raw_optimizer)
+    accelerator.register_for_checkpointing(LoraState(adapter), scheduler)
+    start = resume_from_checkpoint(accelerator, out_dir)[0] if cfg.resume else 0
+    if start >= cfg.run.max_steps:
+        raise ValueError(
+            f"the checkpoint is at step {start}; raise run.max_steps (={cfg.run.max_steps}) to go on"
+        )
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
+    init_trackers(accelerator, name, to_dict(cfg))
+    return LoraRun(optimizer, scheduler, start, History(out_dir / "metrics.json", start))
+
+
 class RewardLossTerms(NamedTuple):
     loss: torch.Tensor  # [] −mean R + reg_weight · reg
     reward: torch.Tensor  # [B'] aggregated reward per image (B' = B · (1 + draft_lv))
@@ -360,21 +388,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
     judge = None
     if cfg.validation.enabled and cfg.validation.judge.path and accelerator.is_main_process:
         judge = cfg.validation.judge.build(device)
-    raw_optimizer = build_optimizer(params, cfg.optim)
-    # The schedule steps once per optimizer step, so it is kept out of accelerator.prepare (which
-    # would step it once per process) and checkpointed as a registered object.
-    scheduler = build_scheduler(raw_optimizer, cfg.optim, cfg.run.max_steps)
-    optimizer = accelerator.prepare(raw_optimizer)
-    accelerator.register_for_checkpointing(LoraState(adapter), scheduler)
-    start = resume_from_checkpoint(accelerator, out_dir)[0] if cfg.resume else 0
-    if start >= cfg.run.max_steps:
-        raise ValueError(
-            f"the checkpoint is at step {start}; raise run.max_steps (={cfg.run.max_steps}) to go on"
-        )
-    history = History(out_dir / "metrics.json", start)
-    if accelerator.is_main_process:
-        save_config(cfg, out_dir / "config.yaml")
-    init_trackers(accelerator, "finetune_t2i", to_dict(cfg))
+    optimizer, scheduler, start, history = start_lora_run(accelerator, adapter, params, cfg, "finetune_t2i")
     accelerator.print(
         f"finetune-t2i: {adapter.family} pipeline {cfg.pipeline}, {sum(p.numel() for p in params):,} LoRA "
         f"weights, reward {cfg.reward.model} on {list(cfg.reward.dimensions)}, steps {start}..{cfg.run.max_steps}"

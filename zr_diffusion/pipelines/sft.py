@@ -22,25 +22,19 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from zr_diffusion.config import save_config, to_dict
 from zr_diffusion.data import DataError, load_image, load_records
 from zr_diffusion.pipelines.base import T2IAdapter
 from zr_diffusion.pipelines.reward_finetune import (
-    History,
-    LoraState,
     add_lora,
     check_finite_everywhere,
     load_t2i_adapter,
     optimizer_step,
+    start_lora_run,
 )
 from zr_diffusion.training import (
     batch_indices,
-    build_optimizer,
-    build_scheduler,
-    init_trackers,
     make_accelerator,
     progress,
-    resume_from_checkpoint,
     save_checkpoint,
     shard,
     step_generator,
@@ -269,19 +263,7 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, accelerator.device, cfg.enable_xformers)
     adapter.latent_shape(1, cfg.height, cfg.width)  # image size check, with the family's message
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)
-    raw_optimizer = build_optimizer(params, cfg.optim)
-    scheduler = build_scheduler(raw_optimizer, cfg.optim, cfg.run.max_steps)  # see finetune_t2i
-    optimizer = accelerator.prepare(raw_optimizer)
-    accelerator.register_for_checkpointing(LoraState(adapter), scheduler)
-    start = resume_from_checkpoint(accelerator, out_dir)[0] if cfg.resume else 0
-    if start >= cfg.run.max_steps:
-        raise ValueError(
-            f"the checkpoint is at step {start}; raise run.max_steps (={cfg.run.max_steps}) to go on"
-        )
-    history = History(out_dir / "metrics.json", start)
-    if accelerator.is_main_process:
-        save_config(cfg, out_dir / "config.yaml")
-    init_trackers(accelerator, "train_t2i_sft", to_dict(cfg))
+    optimizer, scheduler, start, history = start_lora_run(accelerator, adapter, params, cfg, "train_t2i_sft")
     accelerator.print(
         f"train-t2i-sft: {adapter.family} pipeline {cfg.pipeline}, {len(examples)} (prompt, image) examples, "
         f"{sum(p.numel() for p in params):,} LoRA weights, steps {start}..{cfg.run.max_steps}"
