@@ -430,14 +430,14 @@ def record_suffix_readout(
     return SuffixReadout(logprobs, mask, score_logits, score_logprobs)
 
 
-def teacher_probs(
+def teacher_rollouts(
     scorer: VLMScorer, records: Sequence[ScoredRecord], rollout, num_samples: int = 1
-) -> torch.Tensor:
-    """Teacher-mode score distributions ``[B, S]``: ``num_samples`` sampled reasonings per record
-    (``rollout``: a RolloutConfig), q read after each score marker, averaged over the samples."""
+) -> list:
+    """``num_samples`` sampled reasonings per record, teacher template (``rollout``: a RolloutConfig):
+    ``[B][R]`` ReasoningSamples, each with q read after its score marker. One vision pass per image."""
     from zr_diffusion.vlm.readout import generate_reasoning
 
-    out: list[torch.Tensor | None] = [None] * len(records)
+    out: list = [None] * len(records)
     for group in group_images(records, scorer.device):
         features = scorer.encode_images(group.images)
         recs = [records[p] for p in group.positions]
@@ -452,8 +452,16 @@ def teacher_probs(
             max_new_tokens=rollout.max_new_tokens,
         )  # [B][R]
         for p, outs in zip(group.positions, samples):
-            out[p] = torch.stack([s.probs.float() for s in outs]).mean(0)  # [S]
-    return torch.stack(out)  # [B, S]
+            out[p] = outs
+    return out
+
+
+def teacher_probs(
+    scorer: VLMScorer, records: Sequence[ScoredRecord], rollout, num_samples: int = 1
+) -> torch.Tensor:
+    """Teacher-mode score distributions ``[B, S]``, averaged over ``num_samples`` reasonings per record."""
+    samples = teacher_rollouts(scorer, records, rollout, num_samples)
+    return torch.stack([torch.stack([s.probs.float() for s in outs]).mean(0) for outs in samples])  # [B, S]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import torch
 
 from zr_diffusion.reward.common import (
     TrainResult,
-    group_images,
     hpa_eval_fn,
     load_eval_records,
     load_frozen,
@@ -27,10 +26,10 @@ from zr_diffusion.reward.common import (
     record_suffix_readout,
     run_training,
     setup_policy,
+    teacher_rollouts,
 )
 from zr_diffusion.reward.losses import opd_advantages, opd_loss
 from zr_diffusion.training import make_accelerator
-from zr_diffusion.vlm.readout import generate_reasoning
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
@@ -51,23 +50,10 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, student: str, tea
 
 def sample_outputs(scorer, records, rollout) -> list[list[int]]:
     """One on-policy output per record: reasoning + score marker + a score token drawn from q."""
-    outputs: list[list[int] | None] = [None] * len(records)
-    for group in group_images(records, scorer.device):
-        features = scorer.encode_images(group.images)
-        recs = [records[p] for p in group.positions]
-        samples = generate_reasoning(
-            scorer,
-            features.select(group.image_index),
-            [r.prompt for r in recs],
-            [r.dimension for r in recs],
-            num_samples=1,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            max_new_tokens=rollout.max_new_tokens,
-        )
-        for p, (sample,) in zip(group.positions, samples):
-            bin_index = int(torch.multinomial(sample.probs.float().cpu(), 1))
-            outputs[p] = list(sample.token_ids) + [scorer.token_ids[bin_index]]
+    outputs = []
+    for (sample,) in teacher_rollouts(scorer, records, rollout, num_samples=1):
+        bin_index = int(torch.multinomial(sample.probs.float().cpu(), 1))
+        outputs.append(list(sample.token_ids) + [scorer.token_ids[bin_index]])
     return outputs
 
 
