@@ -21,9 +21,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_end_each_step_with_identical_weights(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_gdso import write_pair_records
-
+    from tests.test_gdso import write_pair_records
     from zr_diffusion.vlm.tiny import make_tiny_vlm
 
     model = make_tiny_vlm(tmp_path / "model", "qwen3_5")
@@ -36,7 +34,7 @@ def test_two_processes_end_each_step_with_identical_weights(tmp_path):
         "--main_process_port", str(_free_port()),
         "-m", "zr_diffusion.cli", "train-reward",
         "--config", str(ROOT / "configs/reward/gdso_tiny.yaml"),
-        f"model={model}", f"data.train={train}", f"run.output_dir={out}",
+        f"model={model}", f"data.train={train}", f"data.eval={train}", f"run.output_dir={out}",
         "gdso.iterations=1", "gdso.steps_per_iteration=1", "gdso.updates_per_batch=2",
         "run.max_steps=2", "run.save_every=0",
     ]  # fmt: skip
