@@ -251,6 +251,16 @@ COMMANDS: dict[str, Command] = {
         _make_tiny_t2i_args,
         _make_tiny_t2i,
     ),
+    "demo": Command(
+        "run the whole method end to end on this CPU in the synthetic world (runs/demo/report.md)",
+        lambda p: [
+            p.add_argument("--preset", default="default", choices=("default", "smoke")),
+            p.add_argument("--config", help="demo YAML file to use instead of configs/demo/<preset>.yaml"),
+            p.add_argument("--fresh", action="store_true", help="rebuild every stage, cached or not"),
+            p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. seed=1"),
+        ],
+        lazy("zr_diffusion.synthetic.demo:cli_run"),
+    ),
 }
 
 

@@ -1,0 +1,156 @@
+"""``zr demo`` stage 3: the reward models of METHOD.md §2–4, trained and evaluated as a user would.
+
+Every run builds its :class:`TrainRewardConfig` from the demo config (``reward.common`` merged with the
+run's own mapping, plus the model, data, teacher, seed and output folder the demo fills in), writes
+it to ``<run>/config.yaml`` and calls :func:`reward.train.train_reward` with it; then every model is
+scored on the multi-annotator test split by :func:`reward.evaluate.evaluate_reward` (``<run>/eval``).
+
+The evaluation mode follows how each model scores: the score-first models (SFT, RewardDance-style,
+RISD) in student mode (one output token); the models that reason before the score (zero-shot,
+GRPO, GDSO, and the OPD student, which learns the teacher's reasoning) in teacher mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import yaml
+
+if TYPE_CHECKING:
+    from zr_diffusion.synthetic.demo import Context
+
+
+class Run(NamedTuple):
+    name: str  # folder under reward/, and the key of its settings in RewardSettings
+    label: str  # the name in the report's tables
+    base: str  # "teacher" or "student": which pretrained base VLM it starts from
+    eval_mode: str  # "student" | "teacher"
+    trains: bool = True
+
+
+RUNS: tuple[Run, ...] = (
+    Run("zero_shot", "Teacher zero-shot", "teacher", "teacher", trains=False),
+    Run("teacher_sft", "Teacher SFT", "teacher", "student"),
+    Run("rewarddance", "Teacher RewardDance", "teacher", "student"),
+    Run("grpo", "Teacher GRPO", "teacher", "teacher"),
+    Run("gdso", "Teacher GDSO", "teacher", "teacher"),
+    Run("student_sft", "Student SFT", "student", "student"),
+    Run("opd", "Student OPD", "student", "teacher"),
+    Run("risd", "Student RISD", "student", "student"),
+)
+DISTILLED = ("opd", "risd")  # distil from the GDSO teacher
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _write_config(cls, data: dict, path: Path):
+    """Write ``data`` as YAML and load it back through ``load_config`` (the recipe's own validation)."""
+    from zr_diffusion.config import load_config
+    from zr_diffusion.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return load_config(cls, path)
+
+
+def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
+    """The TrainRewardConfig mapping of one run."""
+    cfg = ctx.cfg
+    data = ctx.results["world"]["data"]
+    settings = deep_merge(cfg.reward.common, getattr(cfg.reward, run.name))
+    filled = {
+        "model": ctx.results["vlm"][run.base]["model"],
+        "data": {"train": str(Path(data) / "train.jsonl")},
+        "run": {"output_dir": str(folder), "seed": cfg.seed},
+    }
+    if run.name in DISTILLED:
+        filled["distill"] = {"teacher": teacher, "cache_dir": str(folder / "teacher_cache")}
+    return deep_merge(settings, filled)
+
+
+def eval_config(ctx: Context, run: Run, model: str, folder: Path) -> dict[str, Any]:
+    cfg = ctx.cfg
+    base = {k: v for k, v in cfg.reward.common.items() if k in ("dtype", "grid", "rollout")}
+    filled = {
+        "model": model,
+        "data": str(Path(ctx.results["world"]["data"]) / "test.jsonl"),
+        "mode": run.eval_mode,
+        "output_dir": str(folder / "eval"),
+        "seed": cfg.seed,
+        "device": "cpu",
+    }
+    return deep_merge(deep_merge(base, cfg.reward.eval), filled)
+
+
+def _final_loss(metrics: dict) -> float | None:
+    train = metrics.get("train") or []
+    return train[-1].get("loss") if train else None
+
+
+def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
+    import json
+    import time
+
+    from zr_diffusion.reward.config import EvalRewardConfig, TrainRewardConfig
+    from zr_diffusion.reward.evaluate import evaluate_reward
+    from zr_diffusion.reward.train import train_reward
+
+    summary: dict[str, Any] = {"label": run.label, "eval_mode": run.eval_mode, "base": run.base}
+    model = ctx.results["vlm"][run.base]["model"]
+    if run.trains:
+        train_cfg = _write_config(
+            TrainRewardConfig, train_config(ctx, run, folder, teacher), folder / "config.yaml"
+        )
+        tic = time.perf_counter()
+        result = train_reward(train_cfg)
+        summary["train_seconds"] = time.perf_counter() - tic
+        summary["steps"] = result.step
+        summary["final_loss"] = _final_loss(result.metrics)
+        summary["train_metrics"] = str(folder / "metrics.json")
+        model = str(result.model_dir)
+        del result
+    eval_cfg = _write_config(
+        EvalRewardConfig, eval_config(ctx, run, model, folder), folder / "eval_config.yaml"
+    )
+    tic = time.perf_counter()
+    evaluate_reward(eval_cfg)
+    summary["eval_seconds"] = time.perf_counter() - tic
+    summary["model"] = model
+    summary["eval"] = json.loads((folder / "eval" / "metrics.json").read_text())
+    return summary
+
+
+def run_reward(ctx: Context, folder: Path) -> dict:
+    cfg = ctx.cfg
+    out: dict[str, dict] = {}
+    for run in RUNS:
+        teacher = out["gdso"]["model"] if run.name in DISTILLED else None
+        key = {
+            "run": run.name,
+            "settings": deep_merge(cfg.reward.common, getattr(cfg.reward, run.name, {}))
+            if run.trains
+            else None,
+            "eval": cfg.reward.eval,
+            "world": ctx.results["world"]["hash"],
+            "base": ctx.results["vlm"][run.base]["hash"],
+            "teacher": out["gdso"]["hash"] if run.name in DISTILLED else None,
+            "seed": cfg.seed,
+        }
+        out[run.name] = ctx.cache.run(
+            f"reward/{run.name}", key, lambda d, run=run, teacher=teacher: _run_one(ctx, run, d, teacher)
+        )
+        overall = out[run.name]["eval"]["metrics"]["overall"]
+        hpa = overall["hpa"]
+        print(f"  reward/{run.name}: test HPA {hpa if hpa is None else f'{hpa:.3f}'}")
+    hpas = ", ".join(
+        f"{r.name} {h:.3f}"
+        if (h := out[r.name]["eval"]["metrics"]["overall"]["hpa"]) is not None
+        else f"{r.name} n/a"
+        for r in RUNS
+    )
+    return {"line": f"test HPA: {hpas}", "runs": out, "order": [r.name for r in RUNS]}

@@ -1,0 +1,243 @@
+"""``zr demo`` stage 4: a generator trained from scratch, the SFT baseline, the Z-Reward LoRA, GSB.
+
+Steps (each cached on its own):
+
+- ``generator/base``     the tiny pipeline trained from scratch on world renders of mixed quality
+                         (:mod:`synthetic.generator`);
+- ``generator/sft``      the SFT baseline: :func:`pipelines.sft.train_t2i_sft` (LoRA, denoising loss)
+                         on the annotator-preferred training images (``min_score`` on the mean
+                         annotated score);
+- ``generator/zreward``  the SFT LoRA fused into the base, then :func:`pipelines.reward_finetune.
+                         finetune_t2i` with the frozen RISD student as the differentiable reward;
+- ``generator/gsb``      base, SFT and Z-Reward generate the held-out (test-split) prompts from the
+                         same noise; GSB by oracle annotators and the oracle's mean score per
+                         dimension (:mod:`synthetic.oracle_gsb`); the RISD student's own scores beside
+                         them, so that reward hacking would show.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from zr_diffusion.synthetic.demo_reward import _write_config, deep_merge
+
+if TYPE_CHECKING:
+    from zr_diffusion.synthetic.demo import Context
+
+VARIANTS = ("base", "sft", "zreward")
+COMPARISONS = (("zreward", "sft"), ("sft", "base"), ("zreward", "base"))  # (A, B): GSB of A against B
+
+
+def _world_paths(ctx: Context) -> tuple[Path, Path]:
+    world_dir = Path(ctx.results["world"]["data"]).parent
+    return Path(ctx.results["world"]["data"]), world_dir
+
+
+def _base(ctx: Context, folder: Path) -> dict:
+    from zr_diffusion.synthetic.generator import train_generator
+
+    data, _ = _world_paths(ctx)
+    metrics = train_generator(
+        folder, ctx.cfg.world_config(), data / "images.jsonl", ctx.cfg.generator.generator, seed=ctx.cfg.seed
+    )
+    return {
+        "pipeline": metrics["pipeline"],
+        "vae_recon_mse": metrics["vae_recon_mse"],
+        "final_loss": float(np.mean([r["loss"] for r in metrics["train"][-20:]])),
+        "train_images": metrics["train_images"],
+        "denoiser_params": metrics["denoiser_params"],
+        "train_metrics": str(folder / "metrics.json"),
+    }
+
+
+def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
+    from zr_diffusion.pipelines.config import SFTT2IConfig
+    from zr_diffusion.pipelines.sft import load_sft_examples, train_t2i_sft
+
+    cfg = ctx.cfg
+    data, _ = _world_paths(ctx)
+    size = cfg.world.image_size
+    filled = {
+        "pipeline": pipeline,
+        "records": str(data / "train.jsonl"),
+        "height": size,
+        "width": size,
+        "run": {"output_dir": str(folder), "seed": cfg.seed},
+    }
+    sft_cfg = _write_config(SFTT2IConfig, deep_merge(cfg.generator.sft, filled), folder / "config_demo.yaml")
+    examples = load_sft_examples(sft_cfg.records, sft_cfg.min_score, sft_cfg.score_dimensions)
+    all_examples = load_sft_examples(sft_cfg.records)
+    final = train_t2i_sft(sft_cfg)
+    return {
+        "lora": str(folder / "lora"),
+        "examples": len(examples),
+        "candidate_images": len(all_examples),
+        "min_score": sft_cfg.min_score,
+        "final_loss": final.get("loss"),
+        "train_metrics": str(folder / "metrics.json"),
+    }
+
+
+def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_model: str) -> dict:
+    from zr_diffusion.pipelines.config import FinetuneT2IConfig
+    from zr_diffusion.pipelines.reward_finetune import finetune_t2i
+    from zr_diffusion.synthetic.generator import merge_lora
+
+    cfg = ctx.cfg
+    _, world_dir = _world_paths(ctx)
+    size = cfg.world.image_size
+    sft_pipeline = merge_lora(pipeline, sft_lora, folder / "sft_pipeline")
+    filled = {
+        "pipeline": str(sft_pipeline),
+        "prompts": str(world_dir / "prompts_train.txt"),
+        "reward": {"model": reward_model},
+        "sampler": {"height": size, "width": size},
+        "run": {"output_dir": str(folder), "seed": cfg.seed},
+    }
+    ft_cfg = _write_config(
+        FinetuneT2IConfig, deep_merge(cfg.generator.zreward, filled), folder / "config_demo.yaml"
+    )
+    final = finetune_t2i(ft_cfg)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    train = metrics.get("train", [])
+    return {
+        "pipeline": str(sft_pipeline),
+        "lora": str(folder / "lora"),
+        "reward_first": train[0]["reward"] if train else None,
+        "reward_last": final.get("reward"),
+        "train_metrics": str(folder / "metrics.json"),
+    }
+
+
+def _scenes_by_prompt(data: Path) -> dict:
+    from zr_diffusion.synthetic.world import Scene
+
+    out = {}
+    for line in (data / "images.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["prompt"], Scene(**row["scene"]))
+    return out
+
+
+def _gsb(ctx: Context, folder: Path, variants: dict, reward_model: str) -> dict:
+    from zr_diffusion.io import atomic_write_json
+    from zr_diffusion.pipelines.gsb import write_review_page
+    from zr_diffusion.pipelines.prompts import load_prompts
+    from zr_diffusion.pipelines.sampler import SamplerConfig
+    from zr_diffusion.rubric import DIMENSIONS
+    from zr_diffusion.synthetic.oracle_gsb import (
+        generate_variant,
+        gsb_counts,
+        mean_by_dimension,
+        oracle_table,
+        rater_verdicts,
+        reward_table,
+        save_items,
+    )
+
+    cfg = ctx.cfg
+    gs = cfg.generator.gsb
+    data, world_dir = _world_paths(ctx)
+    prompts = load_prompts(world_dir / "prompts_test.txt")
+    scenes = _scenes_by_prompt(data)
+    items = [(p, s) for s in gs.seeds for p in prompts]  # seed-major, as generate() orders them
+    item_prompts = [p for p, _ in items]
+    item_scenes = [scenes[p] for p in item_prompts]
+    size = cfg.world.image_size
+    sampler = SamplerConfig(num_steps=gs.num_steps, guidance_scale=gs.guidance_scale, height=size, width=size)
+    images, oracle, reward = {}, {}, {}
+    for name, variant in variants.items():
+        images[name] = generate_variant(variant, prompts, gs.seeds, sampler, gs.batch_size)
+        save_items(folder / f"images_{name}.safetensors", images[name])
+        oracle[name] = oracle_table(images[name], item_scenes)
+        mu = reward_table(reward_model, images[name], item_prompts, gs.batch_size)  # [N, D]
+        reward[name] = {d: float(mu[:, k].mean()) for k, d in enumerate(DIMENSIONS)}
+        reward[name]["aggregate"] = float(mu.mean())
+        del mu
+    comparisons = {}
+    for a, b in COMPARISONS:
+        judged = rater_verdicts(
+            oracle[a], oracle[b], cfg.world_config(), gs.raters_per_item, cfg.seed, f"{a}-{b}"
+        )
+        comparisons[f"{a}_vs_{b}"] = gsb_counts([j["verdict"] for j in judged]) | {"a": a, "b": b}
+        atomic_write_json(
+            folder / f"verdicts_{a}_vs_{b}.json",
+            [{"prompt": p, "seed": s} | j for (p, s), j in zip(items, judged)],
+        )
+    write_review_page(
+        folder / "review",
+        item_prompts,
+        images["zreward"],
+        images["sft"],
+        seed=cfg.seed,
+        key_path=folder / "review.key.json",
+    )
+    summary = {
+        "items": len(items),
+        "prompts": len(prompts),
+        "seeds": list(gs.seeds),
+        "raters_per_item": gs.raters_per_item,
+        "tie_margin": cfg.world.judge_tie_margin,
+        "comparisons": comparisons,
+        "oracle_means": {n: mean_by_dimension(rows) for n, rows in oracle.items()},
+        "student_reward_means": reward,
+        "images": {n: str(folder / f"images_{n}.safetensors") for n in variants},
+        "item_prompts": item_prompts,
+        "review_page": str(folder / "review" / "index.html"),
+    }
+    atomic_write_json(folder / "oracle_scores.json", {n: rows for n, rows in oracle.items()})
+    return summary
+
+
+def run_generator(ctx: Context, folder: Path) -> dict:
+    from zr_diffusion.synthetic.oracle_gsb import Variant
+
+    cfg = ctx.cfg
+    world_hash = ctx.results["world"]["hash"]
+    gen = cfg.generator
+    base = ctx.cache.run(
+        "generator/base",
+        {"generator": gen.generator, "world": world_hash, "seed": cfg.seed},
+        lambda d: _base(ctx, d),
+    )
+    sft = ctx.cache.run(
+        "generator/sft",
+        {"sft": gen.sft, "base": base["hash"], "world": world_hash, "seed": cfg.seed},
+        lambda d: _sft(ctx, d, base["pipeline"]),
+    )
+    risd = ctx.results["reward"]["runs"]["risd"]
+    zr = ctx.cache.run(
+        "generator/zreward",
+        {"zreward": gen.zreward, "sft": sft["hash"], "reward": risd["hash"], "seed": cfg.seed},
+        lambda d: _zreward(ctx, d, base["pipeline"], sft["lora"], risd["model"]),
+    )
+    variants = {
+        "base": Variant("base", base["pipeline"]),
+        "sft": Variant("SFT", base["pipeline"], sft["lora"]),
+        "zreward": Variant("Z-Reward", zr["pipeline"], zr["lora"]),
+    }
+    gsb = ctx.cache.run(
+        "generator/gsb",
+        {
+            "gsb": gen.gsb,
+            "steps": [base["hash"], sft["hash"], zr["hash"]],
+            "world": world_hash,
+            "seed": cfg.seed,
+        },
+        lambda d: _gsb(ctx, d, variants, risd["model"]),
+    )
+    main = gsb["comparisons"]["zreward_vs_sft"]
+    om = gsb["oracle_means"]
+    line = (
+        f"GSB Z-Reward vs SFT {main['gsb']:+.1%} (G {main['good']} / S {main['same']} / B {main['bad']}, "
+        f"oracle raters); oracle aggregate base {om['base']['aggregate']:.2f}, SFT {om['sft']['aggregate']:.2f}, "
+        f"Z-Reward {om['zreward']['aggregate']:.2f}"
+    )
+    return {"line": line, "base": base, "sft": sft, "zreward": zr, "gsb": gsb}
+
+
+__all__ = ["COMPARISONS", "VARIANTS", "run_generator"]

@@ -1,0 +1,224 @@
+"""The demo's text-to-image generator, trained here from scratch on world images (``zr demo``).
+
+A tiny Stable Diffusion pipeline (the real diffusers classes, :func:`pipelines.tiny.build_tiny_t2i`)
+starts from random weights. Nothing about it is pretrained, so it is trained in two phases on world
+renders of *mixed quality* (the world's own defect distribution, so it learns to make defects too):
+
+1. the VAE as an autoencoder: ``MSE(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, 1))``; its
+   ``scaling_factor`` is then set to ``1 / std`` of the latents (the diffusers convention);
+2. the denoiser (UNet, full training) with the ordinary DDPM ε-prediction loss on the frozen VAE's
+   latents, optionally together with the CLIP text encoder; prompts are dropped to "" with
+   probability ``cond_dropout`` so that classifier-free guidance works at sampling time.
+
+Only training prompts are rendered (held-out prompts stay unseen for GSB). The result is a normal
+pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
+
+Dimension names: B images, C/H/W image, c/h/w latents.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zr_diffusion.io import atomic_write_json, write_dir_atomically
+from zr_diffusion.synthetic.pretrain import render_items, split_scenes
+from zr_diffusion.synthetic.world import WorldConfig
+
+
+@dataclass
+class GeneratorConfig:
+    """Training the tiny generator from scratch."""
+
+    family: str = "sd"  # the pipeline family (sd: the fastest tiny denoiser on a CPU, see the report)
+    channels: int = 32  # denoiser / VAE width (block_out_channels = (c, 2c))
+    max_text_len: int = 48  # tokenizer length: the longest world prompt is about 40 byte tokens
+    num_images: int = 2048  # world renders of the training prompts (mixed quality)
+    batch_size: int = 32
+    vae_steps: int = 300
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5
+    steps: int = 800  # denoiser optimizer steps
+    lr: float = 1e-3  # AdamW, cosine decay after warmup
+    warmup_steps: int = 20
+    cond_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
+    train_text_encoder: bool = True  # the tiny CLIP text encoder is random too: train it with the denoiser
+
+    def __post_init__(self) -> None:
+        if self.family != "sd":
+            raise ValueError(
+                f"generator.family={self.family!r}: the from-scratch trainer is written for the UNet "
+                f"family 'sd' (DDPM ε-prediction); the other families are supported by the recipes, "
+                f"not by this trainer"
+            )
+        for name in ("channels", "max_text_len", "num_images", "batch_size", "vae_steps", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"generator.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+
+def _cosine(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _train_vae(
+    vae, images: torch.Tensor, cfg: GeneratorConfig, gen: torch.Generator, desc: str
+) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    schedule = _cosine(optimizer, min(cfg.warmup_steps, cfg.vae_steps), cfg.vae_steps)
+    log = []
+    for step in tqdm(range(cfg.vae_steps), desc=f"{desc} vae", dynamic_ncols=True, leave=False):
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        x = images[idx] * 2 - 1  # [B, 3, H, W] in [-1, 1]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()  # per latent element
+        loss = mse + cfg.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        log.append({"step": step + 1, "loss": float(loss.detach()), "mse": float(mse.detach())})
+    vae.requires_grad_(False).eval()
+    return log
+
+
+@torch.no_grad()
+def _latent_stats(vae, images: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image: ``[N, c, h, w]`` each (unscaled)."""
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        posterior = vae.encode(images[start : start + batch] * 2 - 1).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def _recon_mse(vae, images: torch.Tensor) -> float:
+    x = images * 2 - 1
+    return float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), x))
+
+
+def _encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pipe.text_encoder(ids)[0]  # [B, L, D], as StableDiffusionPipeline.encode_prompt reads it
+
+
+def train_generator(
+    out_dir: str | Path, world: WorldConfig, images_jsonl: str | Path, cfg: GeneratorConfig, seed: int = 0
+) -> dict:
+    """Train the tiny pipeline from scratch; writes ``out_dir/pipeline`` and ``out_dir/metrics.json``."""
+    from tqdm.auto import tqdm
+
+    from zr_diffusion.pipelines.tiny import TinySpec, build_tiny_t2i
+
+    out = Path(out_dir)
+    tic = time.perf_counter()
+    scenes = split_scenes(images_jsonl)["train"]
+    items = render_items(scenes, world, cfg.num_images, stream=2)
+    images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [N, 3, H, W]
+    prompts = [it.prompt for it in items]
+    spec = TinySpec(sample_size=world.image_size, channels=cfg.channels, max_text_len=cfg.max_text_len)
+    pipe = build_tiny_t2i(cfg.family, seed=seed, spec=spec)
+    gen = torch.Generator().manual_seed(seed)
+
+    vae_log = _train_vae(pipe.vae, images, cfg, gen, "generator")
+    mean, std = _latent_stats(pipe.vae, images)
+    scale = float(1.0 / mean.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+
+    unet, text_encoder, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+    unet.requires_grad_(True).train()
+    params = list(unet.parameters())
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        params += list(text_encoder.parameters())
+    else:
+        text_encoder.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    schedule = _cosine(optimizer, cfg.warmup_steps, cfg.steps)
+    n_train = sched.config.num_train_timesteps
+    log = []
+    bar = tqdm(range(cfg.steps), desc="generator denoiser", dynamic_ncols=True, leave=False)
+    for step in bar:
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale  # [B, c, h, w]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        batch_prompts = ["" if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            embeds = _encode_text(pipe, batch_prompts)
+        t = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=embeds).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        log.append({"step": step + 1, "loss": float(loss.detach())})
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    for module in (unet, text_encoder, pipe.vae):
+        module.requires_grad_(False).eval()
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+    write_dir_atomically(out / "pipeline", write)
+    metrics = {
+        "family": cfg.family,
+        "train_images": len(images),
+        "train_prompts": len(scenes),
+        "vae": vae_log,
+        "vae_recon_mse": _recon_mse(pipe.vae, images[:256]),
+        "latent_scaling_factor": scale,
+        "train": log,
+        "denoiser_params": sum(p.numel() for p in unet.parameters()),
+        "seconds": time.perf_counter() - tic,
+        "pipeline": str(out / "pipeline"),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def merge_lora(pipeline: str | Path, lora: str | Path, out_dir: str | Path) -> Path:
+    """Save ``pipeline`` with the LoRA at ``lora`` fused into its denoiser as a new pipeline folder
+    (so that a second LoRA can be trained on top of the first, as the paper tunes its SFT model)."""
+    from zr_diffusion.pipelines.adapters import load_adapter
+
+    adapter = load_adapter(pipeline)
+    adapter.load_lora(lora)
+    adapter.pipe.fuse_lora()
+    adapter.pipe.unload_lora_weights()
+    return write_dir_atomically(
+        out_dir, lambda tmp: adapter.pipe.save_pretrained(tmp, safe_serialization=True)
+    )
+
+
+__all__ = ["GeneratorConfig", "merge_lora", "train_generator"]

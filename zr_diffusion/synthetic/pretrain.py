@@ -1,0 +1,263 @@
+"""Perception pretraining of the demo's base VLMs on the synthetic world (``zr demo``, stage ``vlm``).
+
+A freshly built tiny VLM has random weights: it cannot see, and it cannot write. Real base VLMs can
+do both before any reward training, so the demo first teaches its tiny ones to *describe* world
+images: next-token cross-entropy on the renderer's ground-truth text (:func:`synthetic.describe`:
+what the image shows and every defect it has), full fine-tuning including the vision tower.
+
+The description is trained in the teacher template (``rubric.teacher_instruction``, a random rubric
+dimension per example), followed by the score marker, so that the model's "reasoning" before the
+marker is a perception of the image. The score token after the marker is never trained here: the
+base models know nothing about scores, and the zero-shot baseline reads them as they are.
+
+Images are rendered on the fly from the world's *training* prompts (fresh backgrounds, defects and
+nuisance draws per image, from a seeded stream), so no test prompt is seen and the model cannot
+memorise a fixed image set. Held-out images of the validation prompts give the reported loss.
+
+Dimension names: B images in a batch, T suffix tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zr_diffusion.io import atomic_write_json, write_dir_atomically
+from zr_diffusion.rubric import DIMENSIONS, SCORE_MARKER
+from zr_diffusion.synthetic.text import contents, describe
+from zr_diffusion.synthetic.world import BACKGROUNDS, Scene, WorldConfig, render_np, sample_defects
+
+_PRETRAIN_STREAM = 91_001  # random stream id of the pretraining renders (the world uses 0..4)
+
+
+@dataclass
+class PretrainConfig:
+    """Perception pretraining of one VLM."""
+
+    steps: int = 150  # optimizer steps
+    batch_size: int = 16  # images per step (one rubric dimension's teacher prompt each)
+    lr: float = 2e-3  # AdamW, cosine decay after warmup, full fine-tuning
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    num_images: int = 1024  # rendered training images (training prompts, fresh defects)
+    val_images: int = 64  # rendered images of the validation prompts, for the held-out loss
+    eval_every: int = 50  # held-out loss every this many steps (and at the start and the end)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_images", "val_images", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class PerceptionItem:
+    image: np.ndarray  # [H, W, 3] in [0, 1]
+    prompt: str
+    description: str
+    contents: str  # what the image shows, e.g. "two red triangles on the left on a dark background"
+
+
+def render_items(
+    scenes: Sequence[Scene], world: WorldConfig, count: int, stream: int
+) -> list[PerceptionItem]:
+    """``count`` renders of the given prompt scenes, each with freshly drawn background and defects."""
+    rng = np.random.default_rng([world.seed, _PRETRAIN_STREAM, stream])
+    items = []
+    for k in range(count):
+        scene = dataclasses.replace(scenes[k % len(scenes)], background=str(rng.choice(list(BACKGROUNDS))))
+        defects = sample_defects(scene, world, rng)
+        image = render_np(scene, defects, world.image_size, rng)
+        items.append(PerceptionItem(image, scene.prompt, describe(scene, defects), contents(scene, defects)))
+    return items
+
+
+def split_scenes(images_jsonl: str | Path) -> dict[str, list[Scene]]:
+    """The distinct prompt scenes of each split of a world dataset (from its ``images.jsonl``)."""
+    out: dict[str, dict[str, Scene]] = {}
+    for line in Path(images_jsonl).read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["split"], {}).setdefault(row["prompt"], Scene(**row["scene"]))
+    return {split: list(scenes.values()) for split, scenes in out.items()}
+
+
+def suffix_ids(tokenizer, description: str) -> list[int]:
+    """Token ids of ``description`` followed by the score marker (what the model learns to write)."""
+    return tokenizer.encode(f"{description} {SCORE_MARKER}", add_special_tokens=False)
+
+
+def _batch_loss(scorer, items: Sequence[PerceptionItem], dims: Sequence[str]) -> torch.Tensor:
+    """Mean next-token CE over the description + marker tokens of every item (per token)."""
+    images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [B, 3, H, W]
+    features = scorer.encode_images(images)
+    suffixes = [suffix_ids(scorer.tokenizer, it.description) for it in items]
+    read = scorer.suffix_readout(features, [it.prompt for it in items], list(dims), suffixes, mode="teacher")
+    mask = read.token_mask.float()  # [B, T]
+    return -(read.token_logprobs * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def _held_out_loss(scorer, items: Sequence[PerceptionItem], batch_size: int) -> float:
+    dims = list(DIMENSIONS)
+    total, n = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        loss = _batch_loss(scorer, chunk, [dims[(start + k) % len(dims)] for k in range(len(chunk))])
+        total, n = total + float(loss) * len(chunk), n + len(chunk)
+    return total / n
+
+
+def pretrain_perception(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    world: WorldConfig,
+    images_jsonl: str | Path,
+    cfg: PretrainConfig,
+    seed: int = 0,
+    desc: str = "pretrain",
+) -> dict:
+    """Pretrain the VLM at ``model_dir`` to describe world images; save it to ``out_dir/model``.
+
+    Writes ``out_dir/metrics.json`` (loss per step, held-out loss) and returns it.
+    """
+    from tqdm.auto import tqdm
+
+    from zr_diffusion.vlm.loading import load_vlm
+    from zr_diffusion.vlm.readout import VLMScorer
+
+    out = Path(out_dir)
+    scenes = split_scenes(images_jsonl)
+    train_items = render_items(scenes["train"], world, cfg.num_images, stream=0)
+    val_items = render_items(scenes["val"], world, cfg.val_images, stream=1)
+    model, processor = load_vlm(model_dir)
+    model.requires_grad_(True)
+    scorer = VLMScorer(model, processor)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    gen = torch.Generator().manual_seed(seed)
+    dims = list(DIMENSIONS)
+    history: dict[str, list] = {"train": [], "eval": []}
+    model.eval()
+    history["eval"].append({"step": 0, "val_loss": _held_out_loss(scorer, val_items, cfg.batch_size)})
+    tic = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=desc, dynamic_ncols=True, leave=False)
+    for step in bar:
+        model.train()
+        idx = torch.randint(len(train_items), (cfg.batch_size,), generator=gen).tolist()
+        dim_idx = torch.randint(len(dims), (cfg.batch_size,), generator=gen).tolist()
+        loss = _batch_loss(scorer, [train_items[i] for i in idx], [dims[d] for d in dim_idx])
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                f"{desc}: step {step}: loss is {float(loss.detach())}; lower pretrain.lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        history["train"].append({"step": step + 1, "loss": float(loss.detach())})
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            history["eval"].append(
+                {"step": step + 1, "val_loss": _held_out_loss(scorer, val_items, cfg.batch_size)}
+            )
+    model.eval()
+    model.requires_grad_(False)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        write_dir_atomically(out / "model", write)
+    finally:
+        hf_logging.enable_progress_bar()
+    metrics = {
+        **history,
+        "steps": cfg.steps,
+        "seconds": time.perf_counter() - tic,
+        "val_loss_start": history["eval"][0]["val_loss"],
+        "val_loss_end": history["eval"][-1]["val_loss"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_images": len(train_items),
+        "val_images": len(val_items),
+        "model_dir": str(out / "model"),
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+CONTENTS_PREFIX = "The image shows "
+
+
+@torch.no_grad()
+def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], batch_size: int = 32) -> dict:
+    """Greedy descriptions of ``items`` (teacher template, alignment prompt), read word by word.
+
+    The first sentence "The image shows <count> <colour> <noun> <position> on a <bg> background." is
+    compared with the renderer's truth: exact match of the whole contents, and accuracy of the count,
+    colour and background words. Also the mean number of generated tokens.
+    """
+    from zr_diffusion.vlm.loading import load_vlm
+    from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning
+
+    model, processor = load_vlm(model_dir)
+    scorer = VLMScorer(model, processor)
+    hits = {"contents": 0, "count": 0, "colour": 0, "background": 0}
+    tokens = 0
+    examples = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in chunk])).float()
+        samples = generate_reasoning(
+            scorer, images, [it.prompt for it in chunk], "alignment", temperature=0.0, max_new_tokens=160
+        )
+        for it, (sample,) in zip(chunk, samples):
+            text = sample.text.strip()
+            said = text.split(".")[0].removeprefix(CONTENTS_PREFIX).split()
+            truth = it.contents.split()
+            hits["contents"] += said == truth
+            hits["count"] += bool(said) and said[0] == truth[0]
+            hits["colour"] += len(said) > 1 and said[1] == truth[1]
+            hits["background"] += len(said) > 2 and said[-2] == truth[-2]
+            tokens += sample.num_generated_tokens
+            if len(examples) < 3:
+                examples.append({"prompt": it.prompt, "truth": it.description, "generated": text})
+    n = len(items)
+    return {f"{k}_accuracy": v / n for k, v in hits.items()} | {
+        "tokens_per_description": tokens / n,
+        "images": n,
+        "examples": examples,
+    }
+
+
+__all__ = [
+    "PerceptionItem",
+    "PretrainConfig",
+    "perception_accuracy",
+    "pretrain_perception",
+    "render_items",
+    "split_scenes",
+    "suffix_ids",
+]
