@@ -46,6 +46,12 @@ PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 # config
 
 
+def _pretrain(steps: int) -> PretrainConfig:
+    return PretrainConfig(
+        steps=steps, lr=3e-3, num_images=2048, eval_every=300, short_prompt_fraction=0.75, vision_lr_scale=3.0
+    )
+
+
 @dataclass
 class VLMSettings:
     """The demo's base VLMs: tiny classes of one supported family, pretrained here on perception."""
@@ -53,9 +59,18 @@ class VLMSettings:
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"  # see the report
     teacher_size: Literal["tiny", "small"] = "small"
     student_size: Literal["tiny", "small"] = "tiny"
-    teacher_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=300, lr=3e-3))
-    student_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=300, lr=3e-3))
+    # The processor's pixel budget: images are resized to at least this side (a 48 px world image is
+    # upsampled to 112 px: 8 x 8 patches of 14 px, 16 vision tokens; the family's default gives 4).
+    min_image_side: int = 112
+    teacher_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(1500))
+    student_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(1200))
     perception_eval_images: int = 64  # greedy descriptions of validation renders, scored word by word
+
+    def __post_init__(self) -> None:
+        if self.min_image_side < 28:
+            raise ValueError(
+                f"vlm.min_image_side must be >= 28 (one merged vision token), got {self.min_image_side}"
+            )
 
 
 def _reward_common() -> dict[str, Any]:
@@ -63,8 +78,9 @@ def _reward_common() -> dict[str, Any]:
         "dtype": "float32",
         "batch_size": 32,
         "eval_batch_size": 16,
-        "lora": {"enabled": False},  # full fine-tuning of the language model (the models are tiny)
-        "optim": {"lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 5},
+        "lora": {"enabled": False},  # full fine-tuning (the models are tiny)
+        "train_vision_tower": True,  # the tiny vision towers see little after pretraining; let every method adapt them
+        "optim": {"lr": 1.0e-3, "schedule": "cosine", "warmup_steps": 10},
         "rollout": {"max_new_tokens": 160, "temperature": 1.0},
         "run": {"device": "cpu", "tensorboard": False, "progress": True, "keep_checkpoints": 1},
     }
@@ -77,16 +93,16 @@ class RewardSettings:
     folder); ``eval`` holds EvalRewardConfig keys for every evaluation."""
 
     common: dict[str, Any] = field(default_factory=_reward_common)
-    teacher_sft: dict[str, Any] = field(default_factory=lambda: {"method": "sft", "run": {"max_steps": 150}})
+    teacher_sft: dict[str, Any] = field(default_factory=lambda: {"method": "sft", "run": {"max_steps": 400}})
     rewarddance: dict[str, Any] = field(
-        default_factory=lambda: {"method": "rewarddance", "run": {"max_steps": 150}}
+        default_factory=lambda: {"method": "rewarddance", "run": {"max_steps": 400}}
     )
     grpo: dict[str, Any] = field(
         default_factory=lambda: {
             "method": "grpo",
             "batch_size": 4,
             "gdso": {"group_size": 4},
-            "run": {"max_steps": 40},
+            "run": {"max_steps": 80},
         }
     )
     gdso: dict[str, Any] = field(
@@ -94,17 +110,17 @@ class RewardSettings:
             "method": "gdso",
             "batch_size": 4,
             "gdso": {"group_size": 4},
-            "run": {"max_steps": 40},
+            "run": {"max_steps": 80},
         }
     )
-    student_sft: dict[str, Any] = field(default_factory=lambda: {"method": "sft", "run": {"max_steps": 150}})
+    student_sft: dict[str, Any] = field(default_factory=lambda: {"method": "sft", "run": {"max_steps": 400}})
     opd: dict[str, Any] = field(
-        default_factory=lambda: {"method": "opd", "batch_size": 16, "run": {"max_steps": 60}}
+        default_factory=lambda: {"method": "opd", "batch_size": 16, "run": {"max_steps": 100}}
     )
     risd: dict[str, Any] = field(
         default_factory=lambda: {
             "method": "risd",
-            "run": {"max_steps": 150},
+            "run": {"max_steps": 400},
             "distill": {"teacher_rollouts": 1, "teacher_batch_size": 64},
         }
     )
@@ -177,7 +193,9 @@ class DemoConfig:
     seed: int = 0  # the world and every run follow from it; another seed is an independent world
     output_dir: str = "runs/demo"
     threads: int = 2  # torch CPU threads
-    world: WorldConfig = field(default_factory=lambda: WorldConfig(image_size=48, num_prompts=80))
+    world: WorldConfig = field(
+        default_factory=lambda: WorldConfig(image_size=48, num_prompts=120, test_fraction=0.15)
+    )
     vlm: VLMSettings = field(default_factory=VLMSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     generator: T2ISettings = field(default_factory=T2ISettings)

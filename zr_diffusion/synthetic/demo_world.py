@@ -134,6 +134,17 @@ def run_vlm(ctx: Context, folder: Path) -> dict:
     }
 
 
+def set_min_image_side(model_dir: Path, side: int) -> None:
+    """Raise the saved processor's pixel budget so that images are resized to at least ``side`` px
+    (the real processors' ``min_pixels`` setting); the differentiable path reads the same budget."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": side * side, "longest_edge": max(int(ip.size["longest_edge"]), side * side)}
+    processor.save_pretrained(model_dir)
+
+
 def _build(ctx: Context, folder: Path, role: str, size: str, pretrain, seed: int) -> dict:
     from zr_diffusion.synthetic.pretrain import (
         perception_accuracy,
@@ -147,6 +158,7 @@ def _build(ctx: Context, folder: Path, role: str, size: str, pretrain, seed: int
     world = cfg.world_config()
     images = data_dir(ctx) / "images.jsonl"
     base = make_tiny_vlm(folder / "base", cfg.vlm.family, seed=seed, size=size)
+    set_min_image_side(base, cfg.vlm.min_image_side)
     metrics = pretrain_perception(base, folder, world, images, pretrain, seed=seed, desc=f"pretrain {role}")
     items = render_items(split_scenes(images)["val"], world, cfg.vlm.perception_eval_images, stream=3)
     perception = perception_accuracy(folder / "model", items)

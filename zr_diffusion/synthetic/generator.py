@@ -7,8 +7,13 @@ renders of *mixed quality* (the world's own defect distribution, so it learns to
 1. the VAE as an autoencoder: ``MSE(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, 1))``; its
    ``scaling_factor`` is then set to ``1 / std`` of the latents (the diffusers convention);
 2. the denoiser (UNet, full training) with the ordinary DDPM ε-prediction loss on the frozen VAE's
-   latents, optionally together with the CLIP text encoder; prompts are dropped to "" with
-   probability ``cond_dropout`` so that classifier-free guidance works at sampling time.
+   latents (the posterior means: a short-trained VAE's posterior noise would otherwise be most of
+   what the denoiser has to model), optionally together with the CLIP text encoder; prompts are
+   dropped to "" with probability ``cond_dropout`` so that classifier-free guidance works at
+   sampling time.
+
+The pipeline is the tiny SD pipeline of :mod:`pipelines.tiny` (tokenizer, text encoder, scheduler)
+with a VAE and a UNet sized here (:func:`build_vae`, :func:`build_unet`).
 
 Only training prompts are rendered (held-out prompts stay unseen for GSB). The result is a normal
 pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
@@ -37,14 +42,17 @@ class GeneratorConfig:
     """Training the tiny generator from scratch."""
 
     family: str = "sd"  # the pipeline family (sd: the fastest tiny denoiser on a CPU, see the report)
-    channels: int = 32  # denoiser / VAE width (block_out_channels = (c, 2c))
+    channels: int = 16  # denoiser width: block_out_channels (c, 2c, 2c, ...)
+    levels: int = 3  # denoiser resolution levels (the first has no cross-attention)
+    vae_channels: int = 16  # VAE width: block_out_channels (c, 2c), one 2x downsampling
+    latent_channels: int = 4
     max_text_len: int = 48  # tokenizer length: the longest world prompt is about 40 byte tokens
     num_images: int = 2048  # world renders of the training prompts (mixed quality)
-    batch_size: int = 32
+    batch_size: int = 16
     vae_steps: int = 300
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-5
-    steps: int = 800  # denoiser optimizer steps
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-4
+    steps: int = 1200  # denoiser optimizer steps
     lr: float = 1e-3  # AdamW, cosine decay after warmup
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
@@ -57,7 +65,17 @@ class GeneratorConfig:
                 f"family 'sd' (DDPM ε-prediction); the other families are supported by the recipes, "
                 f"not by this trainer"
             )
-        for name in ("channels", "max_text_len", "num_images", "batch_size", "vae_steps", "steps"):
+        for name in (
+            "channels",
+            "levels",
+            "vae_channels",
+            "latent_channels",
+            "max_text_len",
+            "num_images",
+            "batch_size",
+            "vae_steps",
+            "steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.cond_dropout < 1:
@@ -72,6 +90,43 @@ def _cosine(optimizer, warmup: int, total: int):
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_vae(cfg: GeneratorConfig, size: int):
+    """AutoencoderKL with one 2x downsampling and ``latent_channels`` channels (seeded by the caller)."""
+    from diffusers import AutoencoderKL
+
+    c = cfg.vae_channels
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(c, 2 * c),
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=4,
+        sample_size=size,
+    )
+
+
+def build_unet(cfg: GeneratorConfig, size: int, pipe):
+    """UNet2DConditionModel on the latents: ``levels`` resolutions, cross-attention below the first."""
+    from diffusers import UNet2DConditionModel
+
+    c, n = cfg.channels, cfg.levels
+    return UNet2DConditionModel(
+        sample_size=size // 2,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=tuple([c] + [2 * c] * (n - 1)),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=pipe.text_encoder.config.hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
 
 
 def _train_vae(
@@ -103,14 +158,11 @@ def _train_vae(
 
 
 @torch.no_grad()
-def _latent_stats(vae, images: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image: ``[N, c, h, w]`` each (unscaled)."""
-    means, stds = [], []
-    for start in range(0, len(images), batch):
-        posterior = vae.encode(images[start : start + batch] * 2 - 1).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    return torch.cat(means), torch.cat(stds)
+def _latent_means(vae, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """Posterior mean of every image: ``[N, c, h, w]`` (unscaled)."""
+    return torch.cat(
+        [vae.encode(images[s : s + batch] * 2 - 1).latent_dist.mean for s in range(0, len(images), batch)]
+    )
 
 
 @torch.no_grad()
@@ -144,12 +196,14 @@ def train_generator(
     items = render_items(scenes, world, cfg.num_images, stream=2)
     images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [N, 3, H, W]
     prompts = [it.prompt for it in items]
-    spec = TinySpec(sample_size=world.image_size, channels=cfg.channels, max_text_len=cfg.max_text_len)
-    pipe = build_tiny_t2i(cfg.family, seed=seed, spec=spec)
+    spec = TinySpec(sample_size=world.image_size, channels=8, max_text_len=cfg.max_text_len)
+    pipe = build_tiny_t2i(cfg.family, seed=seed, spec=spec)  # tokenizer, text encoder, scheduler
+    torch.manual_seed(seed)
+    pipe.register_modules(vae=build_vae(cfg, world.image_size), unet=build_unet(cfg, world.image_size, pipe))
     gen = torch.Generator().manual_seed(seed)
 
     vae_log = _train_vae(pipe.vae, images, cfg, gen, "generator")
-    mean, std = _latent_stats(pipe.vae, images)
+    mean = _latent_means(pipe.vae, images)
     scale = float(1.0 / mean.std())
     pipe.vae.register_to_config(scaling_factor=scale)
 
@@ -168,7 +222,7 @@ def train_generator(
     bar = tqdm(range(cfg.steps), desc="generator denoiser", dynamic_ncols=True, leave=False)
     for step in bar:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale  # [B, c, h, w]
+        x0 = mean[idx] * scale  # [B, c, h, w] the posterior means: the denoiser models the codes themselves
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
         batch_prompts = ["" if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
         with torch.set_grad_enabled(cfg.train_text_encoder):

@@ -36,6 +36,7 @@ from zr_diffusion.synthetic.text import contents, describe
 from zr_diffusion.synthetic.world import BACKGROUNDS, Scene, WorldConfig, render_np, sample_defects
 
 _PRETRAIN_STREAM = 91_001  # random stream id of the pretraining renders (the world uses 0..4)
+SHORT_INSTRUCTION = "Describe the image and every defect in it."
 
 
 @dataclass
@@ -50,13 +51,21 @@ class PretrainConfig:
     num_images: int = 1024  # rendered training images (training prompts, fresh defects)
     val_images: int = 64  # rendered images of the validation prompts, for the held-out loss
     eval_every: int = 50  # held-out loss every this many steps (and at the start and the end)
+    short_prompt_fraction: float = 0.0  # share of steps that use the short prompt instead of the teacher's
+    vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr x this
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_images", "val_images", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or self.vision_lr_scale <= 0:
+            raise ValueError(
+                f"pretrain.lr and vision_lr_scale must be > 0, got {self.lr}, {self.vision_lr_scale}"
+            )
+        if not 0 <= self.short_prompt_fraction <= 1:
+            raise ValueError(
+                f"pretrain.short_prompt_fraction must be in [0, 1], got {self.short_prompt_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -96,13 +105,51 @@ def suffix_ids(tokenizer, description: str) -> list[int]:
 
 
 def _batch_loss(scorer, items: Sequence[PerceptionItem], dims: Sequence[str]) -> torch.Tensor:
-    """Mean next-token CE over the description + marker tokens of every item (per token)."""
+    """Mean next-token CE over the description + marker tokens of every item (per token), in the
+    teacher template of each item's rubric dimension."""
     images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [B, 3, H, W]
     features = scorer.encode_images(images)
     suffixes = [suffix_ids(scorer.tokenizer, it.description) for it in items]
     read = scorer.suffix_readout(features, [it.prompt for it in items], list(dims), suffixes, mode="teacher")
     mask = read.token_mask.float()  # [B, T]
     return -(read.token_logprobs * mask).sum() / mask.sum()
+
+
+def _short_prompt_ids(scorer, size: tuple[int, int]) -> list[int]:
+    """Token ids of the short perception prompt (image + :data:`SHORT_INSTRUCTION`) for one image size."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SHORT_INSTRUCTION}]}]
+    text = scorer.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = scorer.processor(text=[text], images=[Image.new("RGB", (size[1], size[0]))])
+    return [int(i) for i in enc["input_ids"][0]]
+
+
+def _short_batch_loss(scorer, items: Sequence[PerceptionItem]) -> torch.Tensor:
+    """The same CE after a short instruction instead of the ~220-token scoring prompt: the image is
+    next to the text to write, and a step costs about a third."""
+    from zr_diffusion.vlm.readout import ChatBatch
+
+    images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [B, 3, H, W]
+    features = scorer.encode_images(images)
+    prompt = _short_prompt_ids(scorer, features.size)
+    suffixes = [suffix_ids(scorer.tokenizer, it.description) for it in items]
+    t = max(len(x) for x in suffixes)
+    length = len(prompt) + t
+    input_ids = torch.full((len(items), length), scorer.inputs.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(items), length), dtype=torch.long)
+    for i, suffix in enumerate(suffixes):
+        row = prompt + suffix
+        input_ids[i, length - len(row) :] = torch.tensor(row)
+        attention[i, length - len(row) :] = 1
+    lengths = torch.tensor([len(x) for x in suffixes])
+    batch = ChatBatch(input_ids, attention, lengths)
+    logits = scorer.forward_logits(features, batch, logits_to_keep=t + 1).float()  # [B, T+1, V]
+    logp = torch.log_softmax(logits[:, :t], dim=-1)
+    targets = input_ids[:, length - t :]  # [B, T], right-aligned suffixes
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    mask = (torch.arange(t).unsqueeze(0) >= (t - lengths).unsqueeze(1)).float()  # [B, T]
+    return -(token_logp * mask).sum() / mask.sum()
 
 
 @torch.no_grad()
@@ -142,7 +189,12 @@ def pretrain_perception(
     model.requires_grad_(True)
     scorer = VLMScorer(model, processor)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vision = {id(p) for p in model.model.visual.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) not in vision], "lr": cfg.lr},
+        {"params": [p for p in params if id(p) in vision], "lr": cfg.lr * cfg.vision_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -162,7 +214,11 @@ def pretrain_perception(
         model.train()
         idx = torch.randint(len(train_items), (cfg.batch_size,), generator=gen).tolist()
         dim_idx = torch.randint(len(dims), (cfg.batch_size,), generator=gen).tolist()
-        loss = _batch_loss(scorer, [train_items[i] for i in idx], [dims[d] for d in dim_idx])
+        batch = [train_items[i] for i in idx]
+        if float(torch.rand((), generator=gen)) < cfg.short_prompt_fraction:
+            loss = _short_batch_loss(scorer, batch)
+        else:
+            loss = _batch_loss(scorer, batch, [dims[d] for d in dim_idx])
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(
                 f"{desc}: step {step}: loss is {float(loss.detach())}; lower pretrain.lr"

@@ -104,7 +104,7 @@ def figure_accuracy(ctx: Context, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy on test pairs")
     ax.set_title("Reward models on the world's multi-annotator test split (HPA, Eq. 17)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -272,9 +272,9 @@ def _vlm_section(ctx: Context) -> list[str]:
         "## 2. Base VLMs (perception pretraining)",
         "",
         f"Family `{v['family']}` (tiny classes of the real transformers model, built from config). It was "
-        "picked for speed on this CPU: the `qwen3_5` tiny models' gated-delta linear-attention layers run "
-        "transformers' reference PyTorch kernels here and were several times slower per step in training "
-        "and in generation. Both models first learn to describe world images (next-token CE on the "
+        "picked for speed on this CPU when the demo was built (not measured by this run): the `qwen3_5` tiny "
+        "models' gated-delta linear-attention layers run transformers' reference PyTorch kernels here and "
+        "were several times slower per step in training and in generation. Both models first learn to describe world images (next-token CE on the "
         "renderer's ground-truth description, in the teacher template, ending with the score marker; the "
         "score token itself is never trained here). Perception accuracy: greedy descriptions of "
         f"{v['teacher']['perception']['images']} held-out renders, first sentence compared word by word "
@@ -314,11 +314,13 @@ def _reward_section(ctx: Context) -> list[str]:
         "",
         f"Test split: {test['records']} records, {test['pairs']} same-prompt pairs ({test['margin_pairs']} with a "
         "gap > 0.5). OPD and RISD distil from the GDSO teacher. Evaluation mode: *teacher* = sampled "
-        "reasoning, then the score read after the marker; *student* = the score read right after the prompt.",
+        "reasoning, then the score read after the marker; *student* = the score read right after the prompt. "
+        "Training settings (steps, batch, learning rate, what is trained) are in each run's `config.yaml` "
+        f"under `{ctx.dir('reward')}/<run>/`; `zr train-reward --config <that file>` reruns it. Chance HPA is 0.5.",
         "",
-        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | train s || paper | PLCC | "
-        "SRCC | HPA | margin HPA |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | steps | train s || paper | "
+        "PLCC | SRCC | HPA | margin HPA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for name in order:
         r = runs[name]
@@ -332,7 +334,7 @@ def _reward_section(ctx: Context) -> list[str]:
         lines.append(
             f"| {r['label']} | {r['eval_mode']} | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | "
             f"{_fmt(m['margin_hpa'])} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
-            f"{r.get('train_seconds', 0):.0f} || {paper_cells} |"
+            f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} || {paper_cells} |"
         )
     for key, label in (
         ("latent", "reference: latent true score"),
@@ -341,7 +343,7 @@ def _reward_section(ctx: Context) -> list[str]:
         m = ref[key]["overall"]
         lines.append(
             f"| *{label}* | – | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | {_fmt(m['margin_hpa'])} "
-            "| – | – | – || | | | | |"
+            "| – | – | – | – || | | | | |"
         )
     lines += [
         "",
