@@ -1,0 +1,156 @@
+"""``zr demo``: presets, the stage cache, and the smoke preset end to end.
+
+The smoke run checks that every stage, every table row and every figure is produced (not the
+values: a few optimizer steps each), that a rerun skips every cached stage and says so, and that a
+changed setting rebuilds only what depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zr_diffusion.config import ConfigError, to_dict
+from zr_diffusion.synthetic.demo import STAGES, Cache, DemoConfig, demo, load_demo_config
+from zr_diffusion.synthetic.demo_reward import RUNS
+from zr_diffusion.synthetic.report import VARIANT_LABELS
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_default_preset_file_equals_the_dataclass_defaults():
+    assert to_dict(load_demo_config("default")) == to_dict(DemoConfig())
+
+
+def test_smoke_preset_loads_and_is_small():
+    cfg = load_demo_config("smoke")
+    assert cfg.preset == "smoke"
+    assert cfg.world.num_prompts < DemoConfig().world.num_prompts
+    assert cfg.vlm.teacher_pretrain.steps < 10
+
+
+def test_seed_override_gives_another_world_and_world_seed_is_refused():
+    cfg = load_demo_config("smoke", overrides=["seed=3", "output_dir=/tmp/x"])
+    assert cfg.seed == 3 and cfg.world_config().seed == 3 and cfg.output_dir == "/tmp/x"
+    with pytest.raises(ConfigError, match="top-level seed"):
+        load_demo_config("smoke", overrides=["world.seed=3"])
+
+
+def test_unknown_preset_and_unknown_key_are_errors():
+    with pytest.raises(ValueError, match="valid presets"):
+        load_demo_config("huge")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_demo_config("smoke", overrides=["vlm.nonsense=1"])
+
+
+def test_cli_parses_the_demo_command():
+    from zr_diffusion.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--preset", "smoke", "--fresh", "seed=1"])
+    assert args.preset == "smoke" and args.fresh and args.overrides == ["seed=1"]
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_reuses_a_finished_step_and_rebuilds_on_a_changed_key(tmp_path):
+    calls, said = [], []
+    cache = Cache(tmp_path, log=said.append)
+
+    def step(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "out.txt").write_text("x")
+        return {"line": "ok"}
+
+    first = cache.run("a/b", {"k": 1}, step)
+    again = cache.run("a/b", {"k": 1}, step)
+    assert len(calls) == 1 and not first["cached"] and again["cached"]
+    assert any("a/b: cached" in s for s in said)
+    changed = cache.run("a/b", {"k": 2}, step)
+    assert len(calls) == 2 and not changed["cached"]
+    assert json.loads((tmp_path / "a/b/done.json").read_text())["hash"] == changed["hash"]
+
+
+def test_cache_does_not_mark_a_failed_step_done(tmp_path):
+    cache = Cache(tmp_path, log=lambda s: None)
+
+    def boom(folder: Path) -> dict:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        cache.run("s", {"k": 1}, boom)
+    assert not (tmp_path / "s" / "done.json").exists()
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_demo_config("smoke", overrides=[f"output_dir={out}"])
+    results = demo(cfg)
+    return cfg, out, results
+
+
+def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
+    cfg, out, results = smoke_run
+    assert set(results) == set(STAGES)
+    for stage in STAGES:
+        assert (out / stage / "done.json").is_file(), stage
+    report = (out / "report.md").read_text()
+    for run in RUNS:  # a row per reward model, in the metric table and the per-dimension table
+        assert report.count(f"| {run.label} |") == 2, run.label
+    for ref in ("reference: latent true score", "reference: pixel oracle"):
+        assert ref in report
+    for row in (
+        "| Z-Reward vs SFT |",
+        "| SFT vs base (from scratch) |",
+        "| Z-Reward vs base (from scratch) |",
+    ):
+        assert row in report
+    for label in VARIANT_LABELS.values():
+        assert f"| {label} | oracle |" in report and f"| {label} | RISD student |" in report
+    for role in ("teacher", "student"):
+        assert f"| {role} (" in report
+    assert "+41.3%" in report and "Different world and scale" in report
+    for name in ("accuracy", "curves", "samples"):
+        png = out / "report" / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"report/{name}.png" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seed"] == 0 and set(metrics["stages"]) == set(STAGES) - {"report"}
+    assert set(metrics["stages"]["reward"]["runs"]) == {r.name for r in RUNS}
+    for run in RUNS:
+        assert (out / "reward" / run.name / "eval" / "metrics.json").is_file()
+    assert (out / "reward" / "gdso" / "config.yaml").is_file()  # the recipe config a user can rerun
+    assert "versions" in metrics and metrics["versions"]["torch"]
+
+
+def test_smoke_rerun_skips_every_stage_and_says_so(smoke_run, capsys):
+    from zr_diffusion.cli import main
+
+    cfg, out, _ = smoke_run
+    stamps = {s: (out / s / "done.json").stat().st_mtime_ns for s in STAGES}
+    capsys.readouterr()
+    assert main(["demo", "--preset", "smoke", f"output_dir={out}"]) == 0
+    said = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"stage {stage}: cached ({out / stage})" in said, said
+        assert (out / stage / "done.json").stat().st_mtime_ns == stamps[stage]
+
+
+def test_smoke_changed_setting_rebuilds_only_what_depends_on_it(smoke_run, capsys):
+    cfg, out, _ = smoke_run
+    capsys.readouterr()
+    changed = load_demo_config("smoke", overrides=[f"output_dir={out}", "generator.gsb.raters_per_item=2"])
+    results = demo(changed)
+    said = capsys.readouterr().out
+    for stage in ("world", "vlm", "reward"):
+        assert results[stage]["cached"], stage
+    assert not results["generator"]["cached"] and not results["report"]["cached"]
+    for step in ("generator/base", "generator/sft", "generator/zreward"):
+        assert f"{step}: cached" in said
+    assert results["generator"]["gsb"]["raters_per_item"] == 2
