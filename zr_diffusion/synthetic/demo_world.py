@@ -108,6 +108,7 @@ def run_vlm(ctx: Context, folder: Path) -> dict:
             "role": role,
             "family": cfg.vlm.family,
             "size": size,
+            "min_image_side": cfg.vlm.min_image_side,
             "pretrain": pretrain,
             "eval_images": cfg.vlm.perception_eval_images,
             "world": ctx.results["world"]["hash"],
