@@ -4,26 +4,17 @@ weights, and the two-process step equals the one-process step on the same global
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tests._launch import launch_two_processes
 from tests._vlm_fixtures import tiny_vlm_dir
 from zr_diffusion.cli import main
 from zr_diffusion.reward.tiny_data import write_tiny_records
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_risd_two_processes_equal_one_process(tmp_path):
@@ -46,22 +37,7 @@ def test_risd_two_processes_equal_one_process(tmp_path):
         "distill.teacher_rollouts=1",
     ]
     two = tmp_path / "two"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "zr_diffusion.cli",
-        "train-reward",
-        *common,
-        f"run.output_dir={two}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch_two_processes("train-reward", *common, f"run.output_dir={two}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "computing 12 with 1 rollout(s)" in proc.stdout  # the two ranks built the cache in shards
     metrics = json.loads((two / "metrics.json").read_text())

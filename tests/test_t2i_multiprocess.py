@@ -11,26 +11,17 @@ machine without GPUs starts the processes on the CPU with the gloo backend.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tests._launch import launch_two_processes
 from zr_diffusion.pipelines.base import LORA_WEIGHT_NAME
 from zr_diffusion.pipelines.tiny import make_tiny_t2i
 from zr_diffusion.vlm.tiny import make_tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_hold_the_same_lora_after_two_steps(tmp_path):
@@ -39,26 +30,16 @@ def test_two_processes_hold_the_same_lora_after_two_steps(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na blue sky\na green tree\na yellow sun\n")
     out = tmp_path / "run"
-    cmd = [
-        *(sys.executable, "-m", "accelerate.commands.launch"),
-        *("--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"), "--multi_gpu"),
-        *("--num_processes", "2", "--main_process_port", str(_free_port())),
-        *(
-            "-m",
-            "zr_diffusion.cli",
-            "finetune-t2i",
-            "--config",
-            str(REPO / "configs/t2i/zimage_zreward_tiny.yaml"),
-        ),
+    run = launch_two_processes(
+        *("finetune-t2i", "--config", str(REPO / "configs/t2i/zimage_zreward_tiny.yaml")),
         f"pipeline={pipeline}",
         f"reward.model={reward}",
         f"prompts={prompts}",
         f"run.output_dir={out}",
         *("batch_size=4", "run.max_steps=2", "sampler.num_steps=2", "validation.enabled=false"),
         *("run.tensorboard=false", "run.progress=false", "run.device=cpu", "debug_rank_dumps=true"),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
