@@ -281,13 +281,30 @@ def main(argv: list[str] | None = None) -> int:
     from zr_diffusion.config import ConfigError
     from zr_diffusion.data import DataError
 
+    ok = False
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        ok = True
+        return code
     except (ConfigError, DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
         if os.environ.get("ZR_DEBUG"):
             raise
         print(f"zr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group(wait=ok)
+
+
+def _close_process_group(wait: bool) -> None:
+    """Under ``accelerate launch``, leave the process group cleanly: a gloo group still alive at
+    interpreter exit can abort a rank ("terminate called without an active exception") after its
+    work is done. ``wait``: all ranks finished, so meet at a barrier first."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
