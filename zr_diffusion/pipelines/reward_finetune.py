@@ -217,6 +217,17 @@ def start_lora_run(accelerator, adapter: T2IAdapter, params, cfg, name: str) -> 
     return LoraRun(optimizer, scheduler, start, History(out_dir / "metrics.json", start))
 
 
+def save_lora_checkpoint(
+    accelerator, adapter: T2IAdapter, history: History, out_dir: Path, step: int, keep: int
+) -> None:
+    """The resumable state of ``step`` plus the LoRA (diffusers format) and the run records so far."""
+    save_checkpoint(accelerator, out_dir, step, keep=keep)
+    if accelerator.is_main_process:
+        adapter.save_lora(out_dir / "lora")
+        history.write()
+    accelerator.wait_for_everyone()
+
+
 class RewardLossTerms(NamedTuple):
     loss: torch.Tensor  # [] −mean R + reg_weight · reg
     reward: torch.Tensor  # [B'] aggregated reward per image (B' = B · (1 + draft_lv))
@@ -427,11 +438,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
                 )
             accelerator.wait_for_everyone()
         if (cfg.run.save_every and completed % cfg.run.save_every == 0) or last:
-            save_checkpoint(accelerator, out_dir, completed, keep=cfg.run.keep_checkpoints)
-            if accelerator.is_main_process:
-                adapter.save_lora(out_dir / "lora")
-                history.write()
-            accelerator.wait_for_everyone()
+            save_lora_checkpoint(accelerator, adapter, history, out_dir, completed, cfg.run.keep_checkpoints)
 
     # -- save and clean up
     final = history.data["train"][-1] if history.data["train"] else {}

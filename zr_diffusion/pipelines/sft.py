@@ -29,13 +29,13 @@ from zr_diffusion.pipelines.reward_finetune import (
     check_finite_everywhere,
     load_t2i_adapter,
     optimizer_step,
+    save_lora_checkpoint,
     start_lora_run,
 )
 from zr_diffusion.training import (
     batch_indices,
     make_accelerator,
     progress,
-    save_checkpoint,
     shard,
     step_generator,
 )
@@ -311,11 +311,7 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
                 {f"train/{k}": v for k, v in logs.items() if k != "step" and v is not None}, step=completed
             )
         if (cfg.run.save_every and completed % cfg.run.save_every == 0) or completed == cfg.run.max_steps:
-            save_checkpoint(accelerator, out_dir, completed, keep=cfg.run.keep_checkpoints)
-            if accelerator.is_main_process:
-                adapter.save_lora(out_dir / "lora")
-                history.write()
-            accelerator.wait_for_everyone()
+            save_lora_checkpoint(accelerator, adapter, history, out_dir, completed, cfg.run.keep_checkpoints)
 
     # -- save and clean up
     final = history.data["train"][-1] if history.data["train"] else {}
