@@ -98,7 +98,7 @@ def _cfg(world, tmp_path, *overrides: str, config: str = "configs/reward/gdso_ti
 @pytest.fixture(scope="module")
 def policy(world, tmp_path_factory):
     """The trainable LoRA policy of the tiny config (common.setup_policy) and its training pairs."""
-    from zr_diffusion.reward.common import setup_policy
+    from zr_diffusion.reward.policy import setup_policy
     from zr_diffusion.training import make_accelerator
 
     cfg = _cfg(world, tmp_path_factory.mktemp("policy"))

@@ -58,8 +58,8 @@ def _args(world, method: str, out: Path, *extra: str) -> list[str]:
 def _initial_lora(world, method: str, out: Path) -> dict[str, torch.Tensor]:
     """The LoRA weights a run starts from (same config and seed), under the adapter file's names."""
     from zr_diffusion.config import load_config
-    from zr_diffusion.reward.common import setup_policy
     from zr_diffusion.reward.config import TrainRewardConfig
+    from zr_diffusion.reward.policy import setup_policy
 
     cfg = load_config(TrainRewardConfig, CONFIGS / f"{method}_tiny.yaml", _args(world, method, out)[3:])
 
@@ -122,8 +122,8 @@ def test_recipe_trains_lora_and_saves_a_loadable_reward_model(world, runs, metho
 
 def test_teacher_is_frozen(world):
     from zr_diffusion.config import load_config
-    from zr_diffusion.reward.common import load_frozen
     from zr_diffusion.reward.config import TrainRewardConfig
+    from zr_diffusion.reward.policy import load_frozen
 
     cfg = load_config(TrainRewardConfig, CONFIGS / "risd_tiny.yaml", _args(world, "risd", world["root"])[3:])
     teacher = load_frozen(world["teacher"], cfg)
@@ -147,7 +147,7 @@ def test_risd_reuses_the_teacher_cache(world, runs, monkeypatch, capsys):
 
 def test_resume_ends_with_the_same_weights(world, monkeypatch):
     """OPD samples tokens every step: an exact resume needs the per-step seeding to replay them."""
-    import zr_diffusion.reward.common as common
+    import zr_diffusion.reward.loop as loop
 
     extra = ("run.max_steps=3", "optim.schedule=cosine", "optim.warmup_steps=1")
     full = world["root"] / "resume-full"
@@ -156,7 +156,7 @@ def test_resume_ends_with_the_same_weights(world, monkeypatch):
     class Interrupted(Exception):
         pass
 
-    real_save = common.save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_stop(accelerator, output_dir, step, **kw):
         path = real_save(accelerator, output_dir, step, **kw)
@@ -165,10 +165,10 @@ def test_resume_ends_with_the_same_weights(world, monkeypatch):
         return path
 
     part = world["root"] / "resume-part"
-    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
         main(_args(world, "opd", part, *extra, "run.save_every=2"))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert not (part / "model").exists()
     assert main([*_args(world, "opd", part, *extra, "run.save_every=2"), "--resume"]) == 0
 
@@ -256,9 +256,10 @@ def test_peft_policy_scorer_matches_the_saved_merged_model(world, tmp_path):
     """The scorer bound to the LoRA-wrapped policy reads the same q as the merged model folder."""
     from zr_diffusion.config import load_config
     from zr_diffusion.data import load_records
-    from zr_diffusion.reward.common import save_reward_model, setup_policy, student_score_logits
     from zr_diffusion.reward.config import TrainRewardConfig
     from zr_diffusion.reward.model import ZRewardModel
+    from zr_diffusion.reward.policy import save_reward_model, setup_policy
+    from zr_diffusion.reward.scoring import student_score_logits
 
     cfg = load_config(TrainRewardConfig, CONFIGS / "sft_tiny.yaml", _args(world, "sft", tmp_path)[3:])
 

@@ -296,7 +296,7 @@ def check_image_sizes(pairs: Sequence[PreferencePair], image_size: tuple[int, in
 
 def load_pairs(cfg) -> list[PreferencePair]:
     """Same-prompt, same-dimension pairs with different scores from ``data.train``; none is an error."""
-    from zr_diffusion.reward.common import load_train_records
+    from zr_diffusion.reward.records import load_train_records
 
     records = load_train_records(cfg)
     pairs = build_pairs(records)
@@ -319,7 +319,7 @@ class _Rollout(NamedTuple):
 
 
 class GDSOStep:
-    """The ``step_fn`` of :func:`common.run_training` for GDSO / GRPO (one call per micro-batch).
+    """The ``step_fn`` of :func:`~zr_diffusion.reward.loop.run_training` for GDSO / GRPO (one call per micro-batch).
 
     ``run_training`` makes one optimizer step per ``step`` over ``run.grad_accum`` micro-batches.
     This step function maps it onto Algorithm 1 (:class:`Schedule`): on the first update (k = 0) of
@@ -332,7 +332,7 @@ class GDSOStep:
     """
 
     def __init__(self, cfg, method: str, policy, pairs: Sequence[PreferencePair], accelerator, schedule):
-        from zr_diffusion.reward.common import check_batch_layout
+        from zr_diffusion.reward.loop import check_batch_layout
 
         self.cfg, self.method, self.policy, self.pairs = cfg, method, policy, list(pairs)
         self.accelerator, self.schedule = accelerator, schedule
@@ -449,7 +449,10 @@ _ROLLOUT_SALT = 7_919_000  # rollout seeds differ from the loop's per-step seeds
 
 
 def _train(cfg, method: str):
-    from zr_diffusion.reward.common import hpa_eval_fn, load_eval_records, run_training, setup_policy
+    from zr_diffusion.reward.loop import run_training
+    from zr_diffusion.reward.policy import setup_policy
+    from zr_diffusion.reward.records import load_eval_records
+    from zr_diffusion.reward.scoring import hpa_eval_fn
     from zr_diffusion.training import make_accelerator
 
     if cfg.method != method:

@@ -30,18 +30,11 @@ import torch
 
 from zr_diffusion.data import ScoredRecord
 from zr_diffusion.io import atomic_save_safetensors, atomic_write_json
-from zr_diffusion.reward.common import (
-    TrainResult,
-    fingerprint,
-    hpa_eval_fn,
-    load_eval_records,
-    load_frozen,
-    load_train_records,
-    run_training,
-    setup_policy,
-    student_score_logits,
-)
+from zr_diffusion.reward.loop import TrainResult, fingerprint, run_training
 from zr_diffusion.reward.losses import risd_loss
+from zr_diffusion.reward.policy import load_frozen, setup_policy
+from zr_diffusion.reward.records import load_eval_records, load_train_records
+from zr_diffusion.reward.scoring import hpa_eval_fn, student_score_logits
 from zr_diffusion.scores import expected_score, score_distribution
 from zr_diffusion.training import make_accelerator, seed_step
 
@@ -130,7 +123,7 @@ def _compute(
     cfg, records: Sequence[ScoredRecord], device, rank: int, log
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher targets ``([n, S], [n])`` for ``records``: R rollouts each, q averaged."""
-    from zr_diffusion.reward.common import group_images
+    from zr_diffusion.reward.scoring import group_images
     from zr_diffusion.vlm.readout import generate_reasoning
 
     teacher = load_frozen(cfg.distill.teacher, cfg, device)

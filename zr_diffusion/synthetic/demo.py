@@ -241,7 +241,7 @@ def load_demo_config(
 
 def config_hash(*parts: Any) -> str:
     from zr_diffusion.config import to_dict
-    from zr_diffusion.reward.common import fingerprint
+    from zr_diffusion.reward.loop import fingerprint
 
     return fingerprint(*[to_dict(p) for p in parts])
 

@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from zr_diffusion.reward.common import (
-    TrainResult,
-    hpa_eval_fn,
-    load_eval_records,
-    load_train_records,
-    record_suffix_readout,
-    run_training,
-    setup_policy,
-)
+from zr_diffusion.reward.loop import TrainResult, run_training
+from zr_diffusion.reward.policy import setup_policy
+from zr_diffusion.reward.records import load_eval_records, load_train_records
+from zr_diffusion.reward.scoring import hpa_eval_fn, record_suffix_readout
 from zr_diffusion.training import make_accelerator
 
 

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from zr_diffusion.reward.common import (
-    TrainResult,
-    answer_logits,
-    hpa_eval_fn,
-    load_eval_records,
-    load_train_records,
-    run_training,
-    setup_policy,
-)
+from zr_diffusion.reward.loop import TrainResult, run_training
+from zr_diffusion.reward.policy import setup_policy
+from zr_diffusion.reward.records import load_eval_records, load_train_records
+from zr_diffusion.reward.scoring import answer_logits, hpa_eval_fn
 from zr_diffusion.scores import ScoreGrid, expected_score, gather_score_logits, score_distribution
 from zr_diffusion.training import make_accelerator
 
