@@ -12,15 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from zr_diffusion.reward.model import ZRewardModel
-from zr_diffusion.scores import ScoreGrid
 
-Aggregate = Literal["mean", "min", "mean_minus_std"]
 AGGREGATES = ("mean", "min", "mean_minus_std")
 
 
@@ -78,30 +76,12 @@ class ZRewardEnsemble(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls,
-        paths: Sequence[str | Path],
-        aggregate: str = "mean",
-        std_weight: float = 1.0,
-        dimensions: Sequence[str] | None = None,
-        weights: Sequence[float] | None = None,
-        grid: ScoreGrid | None = None,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        trust_remote_code: bool = False,
+        cls, paths: Sequence[str | Path], aggregate: str = "mean", std_weight: float = 1.0, **member_kwargs
     ) -> ZRewardEnsemble:
-        """Load every member (local folder or hub id) as a frozen ``ZRewardModel``."""
-        members = [
-            ZRewardModel.from_pretrained(
-                p,
-                dimensions=dimensions,
-                weights=weights,
-                grid=grid,
-                dtype=dtype,
-                device=device,
-                trust_remote_code=trust_remote_code,
-            )
-            for p in paths
-        ]
+        """Load every member (local folder or hub id) as a frozen ``ZRewardModel``; ``member_kwargs``
+        (dimensions, weights, grid, dtype, device, trust_remote_code) go to each member's
+        ``ZRewardModel.from_pretrained``."""
+        members = [ZRewardModel.from_pretrained(p, **member_kwargs) for p in paths]
         return cls(members, aggregate=aggregate, std_weight=std_weight)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> EnsembleOutput:
