@@ -96,6 +96,20 @@ class ScriptedJudge(torch.nn.Module):
         return JudgeOutput(mu=mu, reward=mu[:, 0])
 
 
+@pytest.fixture(scope="module")
+def plain_two_steps(tiny):  # noqa: F811
+    """The LoRA after 2 steps of the same training, without validation."""
+    out = tiny["root"] / "plain-2-steps"
+    assert main(_finetune_args(tiny, "zimage", out, 2, "validation.enabled=false")) == 0
+    return load_file(out / "lora" / LORA_WEIGHT_NAME)
+
+
+def _assert_same_lora(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
 def _scripted_run(tiny, out, means, *extra, steps=6):  # noqa: F811
     judge = ScriptedJudge(means)
     args = _finetune_args(tiny, "zimage", out, steps, "validation.every=1", "validation.seeds=[0, 1]")
@@ -107,7 +121,7 @@ def _scripted_run(tiny, out, means, *extra, steps=6):  # noqa: F811
     return json.loads((out / "metrics.json").read_text()), judge
 
 
-def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, capsys):  # noqa: F811
+def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, plain_two_steps, capsys):  # noqa: F811
     out = tiny["root"] / "scripted"
     # validations at steps 0, 1, 2, 3, 4: the judge peaks at step 2, then 2 validations do not beat it
     metrics, judge = _scripted_run(tiny, out, [1.0, 2.0, 3.0, 2.5, 2.9, 9.0], "validation.patience=2")
@@ -129,12 +143,8 @@ def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, ca
     assert f"kept step 2 in {out / 'best'}" in printed and "stopped early at step 4" in printed
 
     # best/ is the LoRA after exactly 2 steps: an unvalidated 2-step run ends with the same weights
-    plain = tiny["root"] / "plain-2-steps"
-    assert main(_finetune_args(tiny, "zimage", plain, 2, "validation.enabled=false")) == 0
-    best, two = (load_file(d / LORA_WEIGHT_NAME) for d in (out / "best", plain / "lora"))
-    assert best.keys() == two.keys()
-    for k in best:
-        torch.testing.assert_close(best[k], two[k], rtol=0, atol=1e-6)
+    best = load_file(out / "best" / LORA_WEIGHT_NAME)
+    _assert_same_lora(best, plain_two_steps)
     final = load_file(out / "lora" / LORA_WEIGHT_NAME)  # the stop step's LoRA, not the best one
     assert any(not torch.equal(final[k], best[k]) for k in best)
 
@@ -152,6 +162,19 @@ def test_without_patience_the_run_goes_on_and_a_later_best_replaces_best(tiny, c
     assert [w["step"] for w in expected] == ([2] if rest[1]["reward"] > first["reward"] else [])
     printed = capsys.readouterr().out
     assert all(f"WARNING: {w['message']}" in printed for w in expected)
+
+
+def test_resume_rewrites_best_when_the_run_stopped_between_checkpoint_and_best(tiny, plain_two_steps):  # noqa: F811
+    out = tiny["root"] / "scripted-resume"
+    _scripted_run(tiny, out, [1.0, 2.0, 3.0], steps=2)  # best at step 2, checkpointed at step 2
+    # as if the run died after the step-2 checkpoint, before best/ was written: best/ still holds step 1
+    (out / "best" / "selection.json").write_text(json.dumps({"step": 1, "select_by": "scripted"}))
+    (out / "best" / LORA_WEIGHT_NAME).unlink()
+    metrics, judge = _scripted_run(tiny, out, [2.5], "--resume", steps=3)  # step 3 does not beat step 2
+    assert judge.calls == 1 and [e["step"] for e in metrics["validation"]] == [0, 1, 2, 3]
+    assert [e["step"] for e in metrics["train"]] == [1, 2, 3] and metrics["selection"]["step"] == 2
+    assert json.loads((out / "best" / "selection.json").read_text())["step"] == 2
+    _assert_same_lora(load_file(out / "best" / LORA_WEIGHT_NAME), plain_two_steps)
 
 
 def test_finetune_with_a_min_ensemble_logs_each_member(tiny):  # noqa: F811

@@ -299,17 +299,21 @@ class Validator:
         return decision
 
     def keep_best(self, step: int) -> None:
-        """Write the current LoRA (that of validation ``step``) to ``best/``."""
+        """Write the current LoRA (that of validation ``step``) to ``best/``; every process calls it."""
         if self.accelerator.is_main_process:
-            self.adapter.save_lora(self.out_dir / BEST_DIR)
-            atomic_write_json(
-                self.out_dir / BEST_DIR / BEST_RECORD, {"step": step, "select_by": self.vcfg.select_by}
-            )
-            self.lost_best = None
+            self._write_best(step)
         self.accelerator.wait_for_everyone()
 
+    def _write_best(self, step: int) -> None:
+        self.adapter.save_lora(self.out_dir / BEST_DIR)
+        atomic_write_json(
+            self.out_dir / BEST_DIR / BEST_RECORD, {"step": step, "select_by": self.vcfg.select_by}
+        )
+        self.lost_best = None
+
     def resume(self, start: int) -> None:
-        """After resuming at ``start``: make ``best/`` hold the best validation step of the kept history.
+        """After resuming at ``start``: make ``best/`` hold the best validation step of the kept history
+        (main process; no collective call).
 
         The best step's LoRA is checkpointed before ``best/`` is written, so a step after the last
         checkpoint never owns ``best/``; a best step equal to ``start`` is rewritten from the restored
@@ -323,7 +327,7 @@ class Validator:
         if held == best.step:
             return
         if best.step == start:
-            self.keep_best(start)
+            self._write_best(start)
             return
         self.lost_best = best.step
         self.accelerator.print(
