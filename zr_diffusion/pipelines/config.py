@@ -129,7 +129,9 @@ class RewardConfig:
 class JudgeConfig:
     """A judge that scores images: a Z-Reward model, an open_clip CLIP score, or torchmetrics CLIPScore.
 
-    An empty ``path`` means no judge where a judge is optional (validation).
+    ``eval-t2i`` takes one (``judge``), ``finetune-t2i`` any number by name (``validation.judges``); a
+    Z-Reward judge may be a second student or a teacher, read in student mode (score right after the
+    prompt).
     """
 
     kind: JudgeKind = "zreward"
