@@ -2,7 +2,9 @@
 
 Each process takes its shard of the global batch and its own noise, so without the gradient
 average the two LoRAs would drift apart; after two steps both ranks must hold the same weights, and
-they must be the weights of the saved LoRA.
+they must be the weights of the saved LoRA. Validation runs on rank 0 only and selects by the reward
+with patience 1, so rank 0 alone decides whether to stop after step 1: both ranks must stop together
+(else the next step's all-reduce would hang) and hold the same weights either way.
 
 ``configs/accelerate/cpu_2proc.yaml`` alone starts one process in accelerate 1.x (its MULTI_CPU
 launcher expects mpirun); ``--multi_gpu`` makes accelerate use torch.distributed.run, which on a
@@ -11,6 +13,7 @@ machine without GPUs starts the processes on the CPU with the gloo backend.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,11 +39,19 @@ def test_two_processes_hold_the_same_lora_after_two_steps(tmp_path):
         f"reward.model={reward}",
         f"prompts={prompts}",
         f"run.output_dir={out}",
-        *("batch_size=4", "run.max_steps=2", "sampler.num_steps=2", "validation.enabled=false"),
+        *("batch_size=4", "run.max_steps=2", "sampler.num_steps=2", "validation.every=1"),
+        *("validation.seeds=[0, 1]", "validation.select_by=reward", "validation.patience=1"),
         *("run.tensorboard=false", "run.progress=false", "run.device=cpu", "debug_rank_dumps=true"),
         timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    val = metrics["validation"]
+    stopped = val[1]["reward"] <= val[0]["reward"]  # patience 1: no improvement at step 1 stops the run
+    assert [e["step"] for e in metrics["train"]] == ([1] if stopped else [1, 2])
+    assert (metrics["stopped_early"] or {}).get("step") == (1 if stopped else None)
+    assert metrics["selection"]["step"] == max(val, key=lambda e: e["reward"])["step"]
+    assert (out / "best" / LORA_WEIGHT_NAME).is_file()
 
     rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
