@@ -386,6 +386,7 @@ class GDSOStep:
                 max_new_tokens=cfg.rollout.max_new_tokens,
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
                 generator=generator,
                 reference=self.reference if cfg.gdso.beta > 0 else None,
                 features=features,

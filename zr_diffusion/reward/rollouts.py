@@ -209,6 +209,7 @@ def sample_rollouts(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     generator: torch.Generator,
     reference: ReferenceWeights | None = None,
     features=None,
@@ -236,6 +237,7 @@ def sample_rollouts(
         num_samples=g,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         max_new_tokens=max_new_tokens,
         logits_processor=logits_processor,
     )  # [2B][G]

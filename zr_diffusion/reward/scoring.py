@@ -147,6 +147,7 @@ def teacher_rollouts(
             num_samples=num_samples,
             temperature=rollout.temperature,
             top_p=rollout.top_p,
+            top_k=rollout.top_k,
             max_new_tokens=rollout.max_new_tokens,
         )  # [B][R]
         for p, outs in zip(group.positions, samples):

@@ -8,6 +8,7 @@ the model's own ``get_rope_index``; Qwen3-VL DeepStack features travel with them
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,20 +39,40 @@ class ChatBatch(NamedTuple):
     suffix_lengths: torch.Tensor  # [N], tokens after the generation prompt
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def opens_thinking(chat_text: str) -> bool:
+    """Whether a chat-formatted text ends inside an open ``<think>`` block (Qwen3-family templates)."""
+    return chat_text.rfind(THINK_OPEN) > chat_text.rfind(THINK_CLOSE)
+
+
 class ScoringInputs:
     """Builds chat-formatted scoring inputs with the real processor, cached per
     ``(prompt, dimension, image size, mode)``.
 
     The message is ``[{role: user, content: [image, instruction]}]`` with the generation prompt
     appended; the processor expands the image placeholder to one pad token per merged vision token.
+    ``enable_thinking`` goes to ``apply_chat_template`` for the teacher template (its reasoning may
+    happen inside a ``<think>`` block the template opens); the student template always gets
+    ``enable_thinking=False``, and a template that still leaves a thinking block open at the
+    student's answer position is refused: the student's score is read outside any reasoning.
     """
 
-    def __init__(self, processor, grid: ScoreGrid, spec: VisionSpec | None = None, max_cache: int = 65536):
+    def __init__(
+        self,
+        processor,
+        grid: ScoreGrid,
+        spec: VisionSpec | None = None,
+        max_cache: int = 65536,
+        enable_thinking: bool = False,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.grid = grid
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
         self.max_cache = max_cache
+        self.enable_thinking = bool(enable_thinking)
         self._cache: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -73,7 +94,21 @@ class ScoringInputs:
                 ],
             }
         ]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        thinking = self.enable_thinking and mode == "teacher"
+        # a template that never reads the flag gets none (transformers warns about unread kwargs)
+        template = self.processor.chat_template or ""
+        flags = {"enable_thinking": thinking} if "enable_thinking" in template else {}
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **flags
+        )
+        if mode == "student" and opens_thinking(text):
+            raise ValueError(
+                f"the chat template leaves a {THINK_OPEN} block open at the student's answer position even "
+                f"with enable_thinking=False (generation prompt ends {text[-40:]!r}); the student's score "
+                f"is read right after the prompt, outside any reasoning: use a chat template that closes "
+                f"the block (or emits none) when enable_thinking is false"
+            )
+        return text
 
     def prompt_ids(self, prompt: str, dimension: str, size: tuple[int, int], mode: Mode) -> tuple[int, ...]:
         """Token ids of one scoring prompt for an on-grid image of ``size = (H, W)`` pixels."""
@@ -164,9 +199,22 @@ def _dimension_list(dimensions: str | Sequence[str]) -> list[str]:
 
 class VLMScorer:
     """Reads score distributions from a Qwen-VL model: student (score right after the prompt) and
-    teacher (score after a reasoning suffix ending in the score marker)."""
+    teacher (score after a reasoning suffix ending in the score marker).
 
-    def __init__(self, model, processor, grid: ScoreGrid | None = None, spec: VisionSpec | None = None):
+    In both modes q is read at the position whose next token is the score token: the student's
+    answer position (right after the generation prompt), and for the teacher the end of the marker
+    as a model writes it before the digit (``Score``, ``:``, `` `` in Qwen's BPE; :func:`marker_variants`).
+    ``enable_thinking`` is passed to the chat template of the teacher prompt (see :class:`ScoringInputs`).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        grid: ScoreGrid | None = None,
+        spec: VisionSpec | None = None,
+        enable_thinking: bool = False,
+    ):
         self.family = model.config.model_type
         if self.family not in SUPPORTED_FAMILIES:
             raise UnsupportedModelError(
@@ -178,9 +226,10 @@ class VLMScorer:
         self.grid = grid if grid is not None else ScoreGrid()
         self.token_ids = self.grid.token_ids(self.tokenizer)  # validates: one token per bin
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
-        self.inputs = ScoringInputs(processor, self.grid, self.spec)
+        self.inputs = ScoringInputs(processor, self.grid, self.spec, enable_thinking=enable_thinking)
         self.image_token_id = int(model.config.image_token_id)
-        self.marker_ids = tuple(self.tokenizer.encode(SCORE_MARKER, add_special_tokens=False))
+        self.marker_spellings = marker_variants(self.tokenizer, self.grid)  # validates: digit after marker
+        self.marker_ids = self.marker_spellings[0]  # "Score: " as written right before the score token
 
     @property
     def device(self) -> torch.device:
@@ -356,19 +405,44 @@ class ReasoningSample:
         return len(self.token_ids) - (self.marker_length if self.marker_appended else 0)
 
 
-def marker_variants(tokenizer, marker: str = SCORE_MARKER) -> list[tuple[int, ...]]:
-    """Token-id sequences that spell ``marker`` at the end of generated text.
+def marker_variants(
+    tokenizer, grid: ScoreGrid | None = None, marker: str = SCORE_MARKER
+) -> list[tuple[int, ...]]:
+    """Token-id sequences that spell ``marker`` the way a model writes it right before a score token.
 
-    Byte-level BPEs spell a word differently after a space or a newline (" Score" vs "Score"), so the
-    marker is encoded after each; a leading whitespace-only token is dropped from a variant.
+    The marker is everything before the digit in the natural tokenization of ``"Score: 7"``: a real
+    Qwen BPE splits it into ``Score``, ``:``, `` ``, ``7``, so the marker ends with the space and q is
+    read at the position whose next token is the digit (METHOD.md §2, score position). Byte-level BPEs
+    spell a word differently after a space or a newline (" Score" vs "Score"), so the marker is encoded
+    after each; a leading whitespace-only token is dropped from a variant. A tokenizer that does not
+    write every score token as its own token after the marker (e.g. one that merges " 7") is a
+    configuration error: q would have no position to be read at.
     """
-    variants = []
+    grid = grid if grid is not None else ScoreGrid()
+    score_ids = grid.token_ids(tokenizer)
+    variants: list[tuple[int, ...]] = []
     for prefix in ("", " ", "\n"):
-        ids = tokenizer.encode(prefix + marker, add_special_tokens=False)
+        spelled = set()
+        for token, token_id in zip(grid.tokens, score_ids):
+            text = f"{prefix}{marker} {token}"
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) < 2 or ids[-1] != token_id:
+                raise ValueError(
+                    f"the tokenizer writes {text!r} as {tokenizer.convert_ids_to_tokens(ids)}, which does not "
+                    f"end in the score token {token!r} (id {token_id}); the score is read where the model "
+                    f"writes the score token, so each one must follow '{marker} ' as its own token"
+                )
+            spelled.add(tuple(ids[:-1]))
+        if len(spelled) != 1:
+            raise ValueError(
+                f"the tokenizer spells the marker {prefix + marker!r} differently before different score "
+                f"tokens: {sorted(spelled)}; the score tokens {list(grid.tokens)} need one marker spelling"
+            )
+        ids = spelled.pop()
         if prefix and len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
             ids = ids[1:]
-        if tuple(ids) not in variants:
-            variants.append(tuple(ids))
+        if ids not in variants:
+            variants.append(ids)
     return variants
 
 
@@ -443,24 +517,28 @@ def generate_reasoning(
     batch = scorer.inputs.batch(
         [prompts[b] for b in index], [dims[b] for b in index], features.size, "teacher", device=scorer.device
     )
-    variants = marker_variants(scorer.tokenizer)
+    variants = scorer.marker_spellings
     prompt_length = batch.input_ids.shape[1]
     eos = _eos_ids(scorer)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    sampling = sampling if temperature > 0 else dict(do_sample=False)
+    config = sampling_config(
+        scorer.model.generation_config,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=scorer.inputs.pad_token_id,
+        suppress_tokens=_unsampleable_ids(scorer),
+    )
     sequences = scorer.model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         mm_token_type_ids=(batch.input_ids == scorer.image_token_id).long(),
         image_grid_thw=rollout_features.grid_thw,
         mm_encoder_outputs={"image": rollout_features.output},
-        max_new_tokens=max_new_tokens,
-        **sampling,
+        generation_config=config,
         stopping_criteria=StoppingCriteriaList([_MarkerStop(variants, prompt_length)]),
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
-        pad_token_id=scorer.inputs.pad_token_id,
-        eos_token_id=eos,
-        suppress_tokens=_unsampleable_ids(scorer),
     )
     suffixes, meta = [], []
     for row in sequences[:, prompt_length:].tolist():
@@ -485,6 +563,98 @@ def generate_reasoning(
             )
         )
     return out
+
+
+# generation_config fields that shape the distribution generate() samples from, at their neutral value
+_NEUTRAL_SAMPLING = dict(
+    min_length=0,
+    min_new_tokens=0,
+    num_beams=1,
+    num_beam_groups=1,
+    diversity_penalty=0.0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    guidance_scale=1.0,
+    token_healing=False,
+)
+# ... and those that have no neutral value to set: a checkpoint that sets one is refused
+_NO_NEUTRAL_SAMPLING = (
+    "min_p",
+    "top_h",
+    "bad_words_ids",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "begin_suppress_tokens",
+    "exponential_decay_length_penalty",
+    "watermarking_config",
+    "constraints",
+    "force_words_ids",
+    "stop_strings",
+    "penalty_alpha",
+    "dola_layers",
+)
+
+
+def sampling_config(
+    checkpoint_config,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+    pad_token_id: int,
+    suppress_tokens: list[int],
+):
+    """The ``GenerationConfig`` of a rollout, built here so that it samples exactly from π_old.
+
+    ``generate()`` fills every field a given config leaves unset from the checkpoint's
+    ``generation_config.json`` (``checkpoint_config``); released checkpoints set e.g.
+    ``repetition_penalty: 1.05``, while π_old, π_ref and OPD log-probs are the model's plain softmax.
+    So every field that shapes the sampled distribution is set explicitly (temperature, top-p and
+    top-k from the rollout config, the rest at their neutral values), and a checkpoint that sets a
+    field without a neutral value (``bad_words_ids``, ``sequence_bias``, ...) is refused, naming it.
+    ``temperature=0`` decodes greedily.
+    """
+    from transformers import GenerationConfig
+
+    for name in _NO_NEUTRAL_SAMPLING:
+        value = getattr(checkpoint_config, name, None)
+        if value is not None:
+            raise ValueError(
+                f"the checkpoint's generation_config.json sets {name}={value!r}, which changes the distribution "
+                f"rollouts are sampled from (π_old's log-probs are computed without it); remove {name} from "
+                f"generation_config.json"
+            )
+    config = GenerationConfig(
+        **_NEUTRAL_SAMPLING,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos_token_id),
+        pad_token_id=pad_token_id,
+        suppress_tokens=list(suppress_tokens),
+    )
+    inherited = copy.deepcopy(config)  # what generate() will run with (it fills unset fields this way)
+    inherited.update(**checkpoint_config.to_dict(), defaults_only=True)
+    names = (*_NEUTRAL_SAMPLING, *_NO_NEUTRAL_SAMPLING, "do_sample", "temperature", "top_p", "top_k")
+    changed = [n for n in names if getattr(inherited, n, None) != getattr(config, n, None)]
+    if changed:
+        raise ValueError(
+            f"the checkpoint's generation_config.json would change rollout sampling through {changed}; "
+            f"remove these fields from generation_config.json"
+        )
+    return config
 
 
 def _unsampleable_ids(scorer: VLMScorer) -> list[int]:
