@@ -231,3 +231,35 @@ def test_rollouts_refuse_a_checkpoint_field_without_a_neutral_value(tmp_path, fi
     scorer = VLMScorer(vlm.eval(), processor)
     with pytest.raises(ValueError, match=f"generation_config.json sets {field}="):
         generate_reasoning(scorer, torch.rand(1, 3, SIDE, SIDE), [PROMPT], "realism", max_new_tokens=2)
+
+
+class _MergingTokenizer:
+    """A tokenizer that writes " 7" as one token (like many non-Qwen BPEs): "Score: 7" -> "Score:", " 7"."""
+
+    unk_token_id = None
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        import re
+
+        return [self.vocab.setdefault(piece, len(self.vocab)) for piece in re.findall(r"\s?\S+|\s+", text)]
+
+    def convert_ids_to_tokens(self, ids):
+        inverse = {v: k for k, v in self.vocab.items()}
+        return [inverse[i] for i in ids]
+
+
+def test_a_tokenizer_that_merges_the_space_into_the_digit_is_a_configuration_error():
+    from zr_diffusion.vlm.readout import marker_variants
+
+    with pytest.raises(ValueError, match=r"does not end in the score token '1'"):
+        marker_variants(_MergingTokenizer())
+
+
+def test_marker_variants_of_the_real_tokenizer():
+    from zr_diffusion.vlm.readout import marker_variants
+
+    # at a line start, after a space (" Score" is one token), after a newline
+    assert marker_variants(qwen_tokenizer()) == [(10570, 25, 220), (18115, 25, 220)]

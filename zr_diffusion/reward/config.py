@@ -106,6 +106,26 @@ class GDSOConfig:
 
 
 @dataclass
+class PolicyLossConfig:
+    """How L_GRPO (Eq. 4) aggregates the token terms of GDSO / GRPO outputs (METHOD.md §2).
+
+    ``sum``: Σ over each output's tokens, mean over outputs (the paper's Eq. 4); ``sequence_mean``:
+    1/|o| per output (DeepSeekMath's GRPO); ``token_mean``: one mean over all tokens of the batch
+    (DAPO). The choice scales L_GRPO against α·L_CE and α·L_pw by about the output length.
+    """
+
+    aggregate: Literal["sum", "sequence_mean", "token_mean"] = "sum"
+
+    def __post_init__(self) -> None:
+        from zr_diffusion.reward.losses import AGGREGATES
+
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(
+                f"policy_loss.aggregate must be one of {list(AGGREGATES)}, got {self.aggregate!r}"
+            )
+
+
+@dataclass
 class DistillConfig:
     """RISD and OPD settings (METHOD.md §3, §4)."""
 
@@ -143,6 +163,7 @@ class TrainRewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     gdso: GDSOConfig = field(default_factory=GDSOConfig)
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     resume: bool = False
 

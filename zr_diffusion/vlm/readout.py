@@ -12,6 +12,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
@@ -228,8 +229,17 @@ class VLMScorer:
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
         self.inputs = ScoringInputs(processor, self.grid, self.spec, enable_thinking=enable_thinking)
         self.image_token_id = int(model.config.image_token_id)
-        self.marker_spellings = marker_variants(self.tokenizer, self.grid)  # validates: digit after marker
-        self.marker_ids = self.marker_spellings[0]  # "Score: " as written right before the score token
+
+    @cached_property
+    def marker_spellings(self) -> list[tuple[int, ...]]:
+        """The teacher's score marker as written before the digit (:func:`marker_variants`; validated on
+        first use, so a student-only scorer never needs it)."""
+        return marker_variants(self.tokenizer, self.grid)
+
+    @property
+    def marker_ids(self) -> tuple[int, ...]:
+        """``Score: `` as written at the start of a line, right before the score token."""
+        return self.marker_spellings[0]
 
     @property
     def device(self) -> torch.device:
