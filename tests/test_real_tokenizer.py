@@ -158,6 +158,40 @@ def test_teacher_reasoning_may_think(think_model):
     assert on.endswith("assistant\n<think>\n") and off.endswith("assistant\n<think>\n\n</think>\n\n")
 
 
+def _forced_teacher_sample(scorer, text: str, max_new_tokens: int = 60):
+    ids = scorer.tokenizer.encode(text, add_special_tokens=False)
+    feats = scorer.encode_images(torch.rand(1, 3, SIDE, SIDE))
+    prompt = scorer.inputs.batch([PROMPT], ["realism"], feats.size, "teacher")
+    force = _forcing(ids, prompt.input_ids.shape[1])
+    samples = generate_reasoning(
+        scorer, feats, [PROMPT], "realism", max_new_tokens=max_new_tokens, logits_processor=[force]
+    )
+    return ids, samples[0][0]
+
+
+def test_teacher_score_inside_an_open_think_block_does_not_count(think_model):
+    """The template opened <think>: a "Score: 2" the model writes while thinking is not the score;
+    q is read after the block closes, where the model writes "Score: 7"."""
+    vlm, processor = think_model
+    scorer = VLMScorer(vlm, processor, enable_thinking=True)
+    ids, sample = _forced_teacher_sample(scorer, "Maybe Score: 2 at most.\n</think>\n\nScore: 7")
+    assert not sample.marker_appended and sample.token_ids == ids[:-1]
+    assert sample.text.startswith("Maybe Score: 2") and sample.text.endswith("</think>\n\n")
+
+
+def test_appended_marker_closes_an_open_think_block(think_model):
+    vlm, processor = think_model
+    scorer = VLMScorer(vlm, processor, enable_thinking=True)
+    ids, sample = _forced_teacher_sample(scorer, "Maybe Score: 2 at most", max_new_tokens=8)
+    assert sample.marker_appended and sample.num_generated_tokens == 8
+    tail = scorer.tokenizer.decode(sample.token_ids[sample.sampled_length :])
+    assert tail == "\n</think>\n\nScore: " and sample.sampled_length == 8
+    # without thinking the same text is scored at its first marker
+    plain = VLMScorer(vlm, processor, enable_thinking=False)
+    ids, sample = _forced_teacher_sample(plain, "Maybe Score: 2 at most", max_new_tokens=8)
+    assert not sample.marker_appended and scorer.tokenizer.decode(sample.token_ids) == "Maybe Score: "
+
+
 def test_template_that_always_opens_think_is_refused_for_the_student(tmp_path):
     folder = tiny_vlm_dir("qwen2_vl")
     shutil.copytree(folder, tmp_path / "m")

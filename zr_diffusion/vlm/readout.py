@@ -456,12 +456,15 @@ def marker_variants(
     return variants
 
 
-def find_marker_end(ids: Sequence[int], variants: Sequence[Sequence[int]]) -> tuple[int, int] | None:
-    """``(start, end)`` of the first marker occurrence in ``ids`` (``end`` exclusive), or None."""
+def find_marker_end(
+    ids: Sequence[int], variants: Sequence[Sequence[int]], start: int = 0
+) -> tuple[int, int] | None:
+    """``(start, end)`` of the first marker occurrence in ``ids`` at or after ``start`` (``end``
+    exclusive), or None."""
     best = None
     for var in variants:
         k = len(var)
-        for end in range(k, len(ids) + 1):
+        for end in range(start + k, len(ids) + 1):
             if tuple(ids[end - k : end]) == tuple(var):
                 if best is None or end < best[1]:
                     best = (end - k, end)
@@ -469,12 +472,34 @@ def find_marker_end(ids: Sequence[int], variants: Sequence[Sequence[int]]) -> tu
     return best
 
 
-class _MarkerStop:
-    """Stopping criterion: a sequence is done once its generated tail ends with a marker variant."""
+def think_close_end(ids: Sequence[int], tokenizer) -> int | None:
+    """The least ``i`` such that ``ids[:i]`` spells ``</think>`` (at the text level: BPEs merge its
+    ``>`` with following newlines), or None when the text never closes a thinking block."""
+    if THINK_CLOSE not in tokenizer.decode(ids):
+        return None
+    lo, hi = 1, len(ids)  # containment only grows with the prefix: bisect on it
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if THINK_CLOSE in tokenizer.decode(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
-    def __init__(self, variants: Sequence[Sequence[int]], prompt_length: int):
+
+class _MarkerStop:
+    """Stopping criterion: a sequence is done once its generated tail ends with a marker variant.
+
+    With ``tokenizer`` (the prompt opened a thinking block) a marker counts only once the generated
+    text has closed the block with ``</think>``."""
+
+    _WINDOW = 16  # tokens decoded to look for a fresh </think>
+
+    def __init__(self, variants: Sequence[Sequence[int]], prompt_length: int, tokenizer=None):
         self.variants = [torch.tensor(v) for v in variants]
         self.prompt_length = prompt_length
+        self.tokenizer = tokenizer
+        self.closed: list[bool] | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -483,6 +508,14 @@ class _MarkerStop:
             k = len(var)
             if generated >= k:
                 done |= (input_ids[:, -k:] == var.to(input_ids.device)).all(-1)
+        if self.tokenizer is None:
+            return done
+        if self.closed is None:
+            self.closed = [False] * input_ids.shape[0]
+        done &= torch.tensor(self.closed, device=done.device)  # a marker inside the block does not count
+        tail = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self._WINDOW) :].tolist()
+        for n, row in enumerate(tail):
+            self.closed[n] = self.closed[n] or THINK_CLOSE in self.tokenizer.decode(row)
         return done
 
 
@@ -528,6 +561,8 @@ def generate_reasoning(
         [prompts[b] for b in index], [dims[b] for b in index], features.size, "teacher", device=scorer.device
     )
     variants = scorer.marker_spellings
+    # a template that opened <think>: the score is written after the block closes
+    thinking = opens_thinking(scorer.inputs.chat_text(prompts[0], dims[0], "teacher"))
     prompt_length = batch.input_ids.shape[1]
     eos = _eos_ids(scorer)
     config = sampling_config(
@@ -547,12 +582,18 @@ def generate_reasoning(
         image_grid_thw=rollout_features.grid_thw,
         mm_encoder_outputs={"image": rollout_features.output},
         generation_config=config,
-        stopping_criteria=StoppingCriteriaList([_MarkerStop(variants, prompt_length)]),
+        stopping_criteria=StoppingCriteriaList(
+            [_MarkerStop(variants, prompt_length, scorer.tokenizer if thinking else None)]
+        ),
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
     )
+    # an appended marker closes a still-open block first, as the templates' own empty block does
+    closing = scorer.tokenizer.encode(f"\n{THINK_CLOSE}\n\n", add_special_tokens=False) if thinking else None
     suffixes, meta = [], []
     for row in sequences[:, prompt_length:].tolist():
-        suffixes.append(_split_generation(row, variants, eos, scorer.marker_ids, meta))
+        suffixes.append(
+            _split_generation(row, variants, eos, scorer.marker_ids, meta, closing, scorer.tokenizer)
+        )
     readout = scorer.suffix_readout(
         rollout_features, [prompts[b] for b in index], [dims[b] for b in index], suffixes, mode="teacher"
     )
@@ -689,12 +730,32 @@ def _eos_ids(scorer: VLMScorer) -> list[int]:
     return eos
 
 
-def _split_generation(row: list[int], variants, eos: Sequence[int], marker_ids, meta: list) -> list[int]:
-    """Cut one generated row at the marker (or at its end) and record (reasoning, appended, count)."""
+def _split_generation(
+    row: list[int],
+    variants,
+    eos: Sequence[int],
+    marker_ids: Sequence[int],
+    meta: list,
+    closing: Sequence[int] | None = None,
+    tokenizer=None,
+) -> list[int]:
+    """Cut one generated row at the marker (or at its end) and record (reasoning, appended, count).
+
+    With ``closing`` (the prompt opened a thinking block; ``tokenizer`` decodes the row) only a marker
+    after the block's ``</think>`` counts, and a row whose block is still open gets ``closing`` before
+    the appended marker.
+    """
     end = next((i for i, tok in enumerate(row) if tok in eos), None)
     n_generated = len(row) if end is None else end + 1
     body = row if end is None else row[:end]
-    found = find_marker_end(body, variants)
+    start = 0
+    if closing is not None:
+        closed = think_close_end(body, tokenizer)
+        if closed is None:
+            meta.append((body, True, n_generated))
+            return body + list(closing) + list(marker_ids)
+        start = closed
+    found = find_marker_end(body, variants, start)
     if found is not None:
         start, stop = found
         meta.append((body[:start], False, stop))
