@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 from tests._vlm_fixtures import qwen_tokenizer, real_tokenizer_vlm_dir, tiny_vlm_dir  # noqa: E402
 from zr_diffusion.vlm.loading import load_vlm  # noqa: E402
-from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning  # noqa: E402
+from zr_diffusion.vlm.readout import VLMScorer  # noqa: E402
+from zr_diffusion.vlm.reasoning import generate_reasoning  # noqa: E402
 from zr_diffusion.vlm.tiny import CHAT_TEMPLATE, make_tiny_vlm  # noqa: E402
 
 PROMPT = "a red circle above a blue square"

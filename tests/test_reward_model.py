@@ -15,7 +15,8 @@ from tests._vlm_fixtures import FAMILIES, tiny_vlm_dir  # noqa: E402
 from zr_diffusion.reward.model import RewardOutput, ZRewardModel  # noqa: E402
 from zr_diffusion.rubric import DEFAULT_DIMENSIONS  # noqa: E402
 from zr_diffusion.scores import score_distribution  # noqa: E402
-from zr_diffusion.vlm.readout import find_marker_end, generate_reasoning, marker_variants  # noqa: E402
+from zr_diffusion.vlm.readout import marker_variants  # noqa: E402
+from zr_diffusion.vlm.reasoning import find_marker_end, generate_reasoning  # noqa: E402
 
 PROMPTS = ["a red circle", "two green triangles next to a yellow star above a blue square"]
 

@@ -50,7 +50,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     # Sampling uses these values and nothing from the checkpoint's generation_config.json (a
-    # repetition_penalty there would make the rollouts differ from π_old); see vlm.readout.sampling_config.
+    # repetition_penalty there would make the rollouts differ from π_old); see vlm.reasoning.sampling_config.
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

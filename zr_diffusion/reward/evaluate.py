@@ -384,7 +384,7 @@ def score_teacher(
     rollouts. Tokens per call = the tokens the model generated (reasoning, the marker when it wrote
     it, a sampled EOS) + the score token; a marker appended for the readout was not generated."""
     from zr_diffusion.scores import expected_score
-    from zr_diffusion.vlm.readout import generate_reasoning
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     bins = scorer.grid.values()
     mu, reasoning = [math.nan] * len(records), [None] * len(records)

@@ -126,7 +126,7 @@ def _compute(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher targets ``([n, S], [n])`` for ``records``: R rollouts each, q averaged."""
     from zr_diffusion.reward.scoring import group_images
-    from zr_diffusion.vlm.readout import generate_reasoning
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     teacher = load_frozen(cfg.distill.teacher, cfg, device)
     batch = cfg.distill.teacher_batch_size

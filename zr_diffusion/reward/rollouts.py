@@ -15,7 +15,7 @@ valid score. Its log-probability in the policy-gradient loss is that of the full
 policy puts on score tokens at all. Token log-probs are the model's own (temperature 1, no top-p
 filter), as in the GRPO paper and trl; the shipped configs sample at τ = 1 and top-p = 1, where the
 rollout policy is exactly π_old (``generate`` gets a generation config built from the rollout
-settings alone, nothing from the checkpoint's ``generation_config.json``: ``readout.sampling_config``).
+settings alone, nothing from the checkpoint's ``generation_config.json``: ``vlm.reasoning.sampling_config``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from zr_diffusion.data.records import PreferencePair, load_image
 from zr_diffusion.scores import ScoreGrid, score_distribution
-from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning
+from zr_diffusion.vlm.readout import VLMScorer
+from zr_diffusion.vlm.reasoning import generate_reasoning
 
 SIDES = 2  # w, l
 

@@ -277,7 +277,8 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
     colour and background words. Also the mean number of generated tokens.
     """
     from zr_diffusion.vlm.loading import load_vlm
-    from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning
+    from zr_diffusion.vlm.readout import VLMScorer
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     model, processor = load_vlm(model_dir)
     scorer = VLMScorer(model, processor)
