@@ -66,3 +66,27 @@ def test_opd_score_token_is_drawn_at_the_rollout_temperature(scorer, records):
     assert [o.token_ids[-1] for o in outputs] == best
     q = torch.softmax(read.score_logits, -1)
     assert float(q.max(-1).values.max()) < 0.5  # not peaked: τ = 1 would often draw something else
+
+
+def test_a_sampled_eos_ends_the_reasoning_the_same_way_for_grpo_and_opd(scorer):
+    """The model writes one token, then EOS: the EOS is counted as generated (tokens per call) but is
+    neither fed back nor sampled-in-the-loss; the marker is appended after the reasoning. GRPO's
+    loss mask and OPD's ``sampled`` flags both take ``sampled_length`` from this sample."""
+    from zr_diffusion.vlm.reasoning import _eos_ids, generate_reasoning
+
+    word, eos = scorer.tokenizer.convert_tokens_to_ids("6"), _eos_ids(scorer)[0]
+    feats = scorer.encode_images(torch.rand(1, 3, 56, 56))
+    prompt_length = scorer.inputs.batch(["a red circle"], ["realism"], feats.size, "teacher").input_ids.shape[
+        1
+    ]
+
+    def force(input_ids, scores):
+        out = torch.full_like(scores, -1e9)
+        out[:, word if input_ids.shape[1] == prompt_length else eos] = 0
+        return out
+
+    (sample,) = generate_reasoning(
+        scorer, feats, ["a red circle"], "realism", max_new_tokens=5, logits_processor=[force]
+    )[0]
+    assert sample.num_generated_tokens == 2 and sample.marker_appended
+    assert sample.token_ids == [word, *scorer.marker_ids] and sample.sampled_length == 1
