@@ -316,13 +316,10 @@ def test_eval_reward_student_cli(tiny_eval, tmp_path, capsys):
 
 
 def test_eval_reward_teacher_cli(tiny_eval, tmp_path):
-    """Teacher mode, 2 reasoning samples per record: 6 records -> 12 calls. Each call emits
-    reasoning + the score marker + the score token, so 1 < tokens/call <= max_new_tokens + marker + 1;
+    """Teacher mode, 2 reasoning samples per record: 6 records -> 12 calls. A call counts the tokens
+    the model generated (at most max_new_tokens = 6) and the score token, not a marker appended for
+    the readout, so 1 < tokens/call <= 6 + 1 (the random tiny model rarely writes the marker itself);
     every μ (mean over the samples) lies on the score range [1, 5]."""
-    from transformers import AutoTokenizer
-
-    from zr_diffusion.rubric import SCORE_MARKER
-
     root, model = tiny_eval
     out = tmp_path / "teacher"
     rc = _run_cli(
@@ -337,9 +334,8 @@ def test_eval_reward_teacher_cli(tiny_eval, tmp_path):
     )
     assert rc == 0
     data = json.loads((out / "metrics.json").read_text())
-    marker = len(AutoTokenizer.from_pretrained(model).encode(SCORE_MARKER, add_special_tokens=False))
     assert data["mode"] == "teacher" and data["scoring_calls"] == 12
-    assert 1 < data["tokens_per_call"] <= 6 + marker + 1
+    assert 1 < data["tokens_per_call"] <= 6 + 1
     assert data["metrics"]["overall"]["records"] == 6
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(1.0 <= p["mu"] <= 5.0 and "reasoning" in p for p in preds)

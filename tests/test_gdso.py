@@ -235,11 +235,12 @@ def test_rewards_advantages_and_loss_by_hand():
     r_pw,l = 1 − (|1.75 − 2.25 + 1| + |1.75 − 2 + 1|)/4 = 1 − 1.25/4 = 0.6875 for both.
     Eq. 13 (λ = 1, 1): r_w = (1.375, 1.125), r_l = (1.5625, 1.5625).
     Eq. 3: A_w = ±0.125 / std(1.375, 1.125) = ±0.125/0.17678 = ±0.70711; A_l = 0 (equal rewards).
-    Eq. 14 with π_θ = π_old (ratio 1): L_GRPO = mean_n mean_t (−A_n) = 0.
+    Eq. 14 with π_θ = π_old (ratio 1): L_GRPO = mean_n Σ_t (−A_n) = 0 (Eq. 4's sum, the default).
     Eq. 8: L_CE = −(log 0.5 + log 0.25 + 2 log 0.25)/(2·2) = (log 2 + 6 log 2)/4 = 1.21301.
     Eq. 11: L_pw = mean_{i,k} |μ_w,i − μ_l,k − 1| / 2 = (0.5 + 0.5 + 0.75 + 0.75)/4/2 = 0.3125.
     L = 0 + 1.21301 + 0.3125 = 1.52551. The gradient of L_GRPO on a token of output (w, 0) is
-    −A/(3 tokens · 4 outputs) = −0.70711/12.
+    −A/4 outputs with ``policy_loss.aggregate: sum``, −A/(3 tokens · 4 outputs) with ``sequence_mean``
+    and −A/(12 tokens) with ``token_mean`` (all outputs have 3 tokens here).
     """
     grid, rollout = _hand_case()
     cfg = GDSOConfig(group_size=2)
@@ -259,8 +260,19 @@ def test_rewards_advantages_and_loss_by_hand():
     assert terms.pairwise_gap.item() == pytest.approx(0.3125, abs=1e-6)
     assert terms.loss.item() == pytest.approx(7 * math.log(2) / 4 + 0.3125, abs=1e-6)
     (grad,) = torch.autograd.grad(terms.loss, logprobs)
-    assert torch.allclose(grad[0, 0, 0], torch.full((3,), -a / 12), atol=1e-7)
+    assert torch.allclose(grad[0, 0, 0], torch.full((3,), -a / 4), atol=1e-7)
     assert torch.allclose(grad[0, 1], torch.zeros(2, 3))
+    for aggregate in ("sequence_mean", "token_mean"):
+        terms = gdso_loss(
+            PolicyReadout(logprobs, rollout.old_score_logits),
+            rollout,
+            rw.advantages,
+            grid,
+            cfg,
+            aggregate=aggregate,
+        )
+        (grad,) = torch.autograd.grad(terms.loss, logprobs)
+        assert torch.allclose(grad[0, 0, 0], torch.full((3,), -a / 12), atol=1e-7)
 
     # parsed_text: the reward scores the written token's bin (w: 3, 2; l: 1, 1), not E_q
     parsed = reward_scores(rollout, grid, "parsed_text")
@@ -583,3 +595,14 @@ def test_nan_loss_never_reaches_the_optimizer(world, tmp_path, monkeypatch, caps
     )
     assert len(steps) == 1  # the NaN step took no optimizer step
     assert (tmp_path / "checkpoints" / "step-0000001").is_dir() and not (tmp_path / "model").exists()
+
+
+def test_policy_loss_aggregate_config():
+    from zr_diffusion.reward.config import PolicyLossConfig, RewardDataConfig, TrainRewardConfig
+
+    cfg = TrainRewardConfig(model="m", data=RewardDataConfig(train="t.jsonl"))
+    assert cfg.policy_loss.aggregate == "sum"  # Eq. 4
+    with pytest.raises(
+        ValueError, match=r"policy_loss.aggregate must be one of \['sum', 'sequence_mean', 'token_mean'\]"
+    ):
+        PolicyLossConfig(aggregate="mean")

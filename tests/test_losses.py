@@ -344,7 +344,7 @@ def test_policy_gradient_loss_no_clip_values():
     L = (−1 + 2 + 1)/3 = 2/3; no clip -> clip_fraction 0; no reference -> kl 0.
     """
     logp, old, adv, mask = _pg_case()
-    out = policy_gradient_loss(logp, old, adv, mask, clip_eps=None)
+    out = policy_gradient_loss(logp, old, adv, mask, clip_eps=None, aggregate="sequence_mean")
     assert isinstance(out, PolicyLossOutput)
     torch.testing.assert_close(out.loss, t(2 / 3))
     torch.testing.assert_close(out.pg_loss, t(2 / 3))
@@ -362,16 +362,17 @@ def test_policy_gradient_loss_clip_values_and_zero_gradient():
       row 0 [0, −0.5/6], row 1 [2/3, 0], row 2 [0, 1.5/6].
     """
     logp, old, adv, mask = _pg_case()
-    out = policy_gradient_loss(logp, old, adv, mask, clip_eps=0.2)
+    out = policy_gradient_loss(logp, old, adv, mask, clip_eps=0.2, aggregate="sequence_mean")
     torch.testing.assert_close(out.loss, t(2.3 / 3))
     torch.testing.assert_close(out.clip_fraction, t(1 / 3))
     out.loss.backward()
     torch.testing.assert_close(logp.grad, t([[0.0, -0.5 / 6], [2 / 3, 0.0], [0.0, 1.5 / 6]]))
 
 
+@pytest.mark.parametrize("aggregate", ["sum", "sequence_mean", "token_mean"])
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
-def test_policy_gradient_loss_on_policy_is_reinforce(clip_eps):
-    """old = logp.detach() -> ρ ≡ 1, so ∇L = ∇ mean_n mean_t(−A_n logp_{n,t}) (REINFORCE)."""
+def test_policy_gradient_loss_on_policy_is_reinforce(clip_eps, aggregate):
+    """old = logp.detach() -> ρ ≡ 1, so ∇L = ∇ agg(−A_n logp_{n,t}) (REINFORCE), agg the aggregation."""
     torch.manual_seed(4)
     n, t_len, vocab = 4, 5, 7
     logits = torch.randn(n, t_len, vocab, dtype=F64, requires_grad=True)
@@ -380,13 +381,21 @@ def test_policy_gradient_loss_on_policy_is_reinforce(clip_eps):
     adv = torch.randn(n, dtype=F64)
 
     logp = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # [N, T]
-    policy_gradient_loss(logp, logp.detach(), adv, mask, clip_eps=clip_eps).loss.backward()
+    policy_gradient_loss(
+        logp, logp.detach(), adv, mask, clip_eps=clip_eps, aggregate=aggregate
+    ).loss.backward()
     got = logits.grad.clone()
 
     logits.grad = None
     logp = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     m = mask.to(F64)
-    ((-adv[:, None] * logp * m).sum(-1) / m.sum(-1)).mean().backward()
+    terms = -adv[:, None] * logp * m  # [N, T]
+    expected = {
+        "sum": terms.sum(-1).mean(),
+        "sequence_mean": (terms.sum(-1) / m.sum(-1)).mean(),
+        "token_mean": terms.sum() / m.sum(),
+    }[aggregate]
+    expected.backward()
     torch.testing.assert_close(got, logits.grad)
 
 
@@ -398,13 +407,51 @@ def test_policy_gradient_loss_kl_k3():
     """
     logp = t([[-1.0, -2.0]], requires_grad=True)
     ref = t([[-1.0 + math.log(2), -2.0]])
-    out = policy_gradient_loss(logp, logp.detach(), t([1.0]), torch.ones(1, 2), ref_logprobs=ref, beta=0.1)
+    out = policy_gradient_loss(
+        logp, logp.detach(), t([1.0]), torch.ones(1, 2), ref_logprobs=ref, beta=0.1, aggregate="sequence_mean"
+    )
     kl = (1 - math.log(2)) / 2
     torch.testing.assert_close(out.kl, t(kl))
     torch.testing.assert_close(out.pg_loss, t(-1.0))
     torch.testing.assert_close(out.loss, t(-1.0 + 0.1 * kl))
     out.loss.backward()
     torch.testing.assert_close(logp.grad, t([[-0.55, -0.5]]))
+
+
+@pytest.mark.parametrize(
+    "aggregate, loss, weights",
+    [
+        # (1/N) Σ_n Σ_t: (−2 + 2 − 2)/3; each token's gradient weight 1/N = 1/3
+        ("sum", -2 / 3, [[1 / 3, 1 / 3], [1 / 3, 0], [1 / 3, 1 / 3]]),
+        # (1/N) Σ_n mean_t: (−1 + 2 − 1)/3 = 0; weights 1/(N |o_n|)
+        ("sequence_mean", 0.0, [[1 / 6, 1 / 6], [1 / 3, 0], [1 / 6, 1 / 6]]),
+        # Σ_n Σ_t / Σ_n |o_n|: (−1.5 − 0.5 + 2 − 0.5 − 1.5)/5 = −2/5; weights 1/5
+        ("token_mean", -2 / 5, [[1 / 5, 1 / 5], [1 / 5, 0], [1 / 5, 1 / 5]]),
+    ],
+)
+def test_policy_gradient_loss_aggregations(aggregate, loss, weights):
+    """No clip, A = [1, −2, 1] on the ratios of _pg_case: per-token −ρA = [[−1.5, −0.5], [2, ·], [−0.5, −1.5]]
+    (row 1 has one valid token). The three aggregations of ``policy_loss.aggregate`` by hand; the
+    gradient of −ρA in logp is −ρA, times each token's weight. With β = 0.1 and ref = logp the KL is 0."""
+    logp, old, _, mask = _pg_case()
+    adv = t([1.0, -2.0, 1.0])
+    out = policy_gradient_loss(
+        logp, old, adv, mask, clip_eps=None, ref_logprobs=logp.detach(), beta=0.1, aggregate=aggregate
+    )
+    torch.testing.assert_close(out.pg_loss, t(loss))
+    torch.testing.assert_close(out.loss, t(loss))
+    out.loss.backward()
+    per_token = t([[-1.5, -0.5], [2.0, 0.0], [-0.5, -1.5]])
+    torch.testing.assert_close(logp.grad, per_token * t(weights))
+
+
+def test_policy_gradient_loss_kl_sums_over_tokens_by_default():
+    """Eq. 4 default ``sum``: the KL of the N = 1, T = 2 case above is (1 − ln 2) summed, not averaged."""
+    logp = t([[-1.0, -2.0]], requires_grad=True)
+    ref = t([[-1.0 + math.log(2), -2.0]])
+    out = policy_gradient_loss(logp, logp.detach(), t([1.0]), torch.ones(1, 2), ref_logprobs=ref, beta=0.1)
+    torch.testing.assert_close(out.kl, t(1 - math.log(2)))
+    torch.testing.assert_close(out.pg_loss, t(-2.0))
 
 
 def test_policy_gradient_loss_ignores_nonfinite_padding():
@@ -426,5 +473,9 @@ def test_policy_gradient_loss_errors():
         policy_gradient_loss(x, x, torch.zeros(2), m, beta=0.1)
     with pytest.raises(ValueError, match="clip_eps must be in"):
         policy_gradient_loss(x, x, torch.zeros(2), m, clip_eps=1.5)
+    with pytest.raises(
+        ValueError, match=r"aggregate must be one of \['sum', 'sequence_mean', 'token_mean'\]"
+    ):
+        policy_gradient_loss(x, x, torch.zeros(2), m, aggregate="mean")
     with pytest.raises(ValueError, match=r"logprobs \[N,T\]=\(2,3\) and old_logprobs \(2,4\)"):
         policy_gradient_loss(x, torch.zeros(2, 4), torch.zeros(2), m)

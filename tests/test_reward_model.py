@@ -15,7 +15,8 @@ from tests._vlm_fixtures import FAMILIES, tiny_vlm_dir  # noqa: E402
 from zr_diffusion.reward.model import RewardOutput, ZRewardModel  # noqa: E402
 from zr_diffusion.rubric import DEFAULT_DIMENSIONS  # noqa: E402
 from zr_diffusion.scores import score_distribution  # noqa: E402
-from zr_diffusion.vlm.readout import find_marker_end, generate_reasoning, marker_variants  # noqa: E402
+from zr_diffusion.vlm.readout import marker_variants  # noqa: E402
+from zr_diffusion.vlm.reasoning import find_marker_end, generate_reasoning  # noqa: E402
 
 PROMPTS = ["a red circle", "two green triangles next to a yellow star above a blue square"]
 
@@ -223,9 +224,10 @@ def test_suffix_readout_pads_suffixes_and_keeps_gradients(reward_model):
     images = torch.rand(2, 3, 56, 56, requires_grad=True)
     feats = scorer.encode_images(images)
     suffixes = [[21, 30, 40, *scorer.marker_ids], list(scorer.marker_ids)]
+    m = len(scorer.marker_ids)  # "Score", ":", " "
     readout = scorer.suffix_readout(feats, PROMPTS, ["realism", "alignment"], suffixes, image_index=[1, 0])
-    assert readout.token_logprobs.shape == readout.token_mask.shape == (2, 5)
-    assert readout.token_mask.tolist() == [[True] * 5, [False] * 3 + [True] * 2]
+    assert readout.token_logprobs.shape == readout.token_mask.shape == (2, 3 + m)
+    assert readout.token_mask.tolist() == [[True] * (3 + m), [False] * 3 + [True] * m]
     assert (readout.token_logprobs[~readout.token_mask] == 0).all()
     assert (readout.token_logprobs[readout.token_mask] < 0).all()
     assert readout.score_logits.shape == readout.score_logprobs.shape == (2, 9)
@@ -252,7 +254,7 @@ def test_generate_reasoning_appends_the_marker_when_the_budget_is_too_small(rewa
     for b, group in enumerate(records):
         for rec in group:
             assert rec.input_index == b
-            assert rec.marker_appended  # the marker is two tokens; one token of budget cannot hold it
+            assert rec.marker_appended  # the marker is three tokens; one token of budget cannot hold it
             assert rec.num_generated_tokens == 1 and rec.sampled_length == 1
             assert tuple(rec.token_ids[-len(scorer.marker_ids) :]) == scorer.marker_ids
             assert rec.score_logits.shape == (9,) and torch.allclose(rec.probs.sum(), torch.tensor(1.0))
@@ -260,7 +262,7 @@ def test_generate_reasoning_appends_the_marker_when_the_budget_is_too_small(rewa
 
 
 def test_generate_reasoning_stops_at_a_generated_marker(reward_model):
-    """A logits processor forces "6 Score:" so that the marker is generated at steps 2-3; sampling
+    """A logits processor forces "6Score: " so that the marker is generated at steps 2-4; sampling
     stops there and q is read right after it, as a direct suffix_readout of the same tokens does."""
     scorer = reward_model.scorer
     forced = [scorer.tokenizer.convert_tokens_to_ids("6"), *scorer.marker_ids]
@@ -279,8 +281,14 @@ def test_generate_reasoning_stops_at_a_generated_marker(reward_model):
     )
     for rec in records[0]:
         assert not rec.marker_appended
-        assert rec.token_ids == forced and rec.text == "6" and rec.num_generated_tokens == 3
-        assert rec.sampled_length == 3 and rec.marker_length == len(scorer.marker_ids)
+        assert (
+            rec.token_ids == forced
+            and rec.text == "6"
+            and rec.num_generated_tokens == 1 + len(scorer.marker_ids)
+        )
+        assert rec.sampled_length == 1 + len(scorer.marker_ids) and rec.marker_length == len(
+            scorer.marker_ids
+        )
         with torch.no_grad():
             ref = scorer.suffix_readout(feats, PROMPTS[:1], "realism", [forced])
         assert torch.allclose(rec.score_logits, ref.score_logits[0], atol=1e-6)
@@ -292,7 +300,8 @@ def test_marker_detection():
 
     tok = build_tiny_tokenizer("qwen2_vl")
     variants = marker_variants(tok)
-    ids = tok.encode("The image is clean. Score:", add_special_tokens=False)
+    ids = tok.encode("The image is clean. Score: 7", add_special_tokens=False)[:-1]  # up to the digit
     start, end = find_marker_end(ids + [5, 6], variants)
-    assert end == len(ids) and tok.decode(ids[start:end]).strip() == "Score:"
+    assert end == len(ids) and tok.decode(ids[start:end]) == " Score: "
+    assert tok.decode(ids[end - 1 : end]) == " "  # the marker ends with the space before the digit
     assert find_marker_end(tok.encode("no marker here", add_special_tokens=False), variants) is None

@@ -1,6 +1,7 @@
 """Rubric dimensions and the two scoring prompt templates (METHOD.md §1–3).
 
-Teacher template: the model reasons, writes the score marker, then one score token.
+Teacher template: the model reasons, writes the score marker, then one score token ("Score: 7"; the
+score is read where the digit is written, after the marker's space, see ``vlm.readout.marker_variants``).
 Student template: the score token comes right after the prompt, with no reasoning.
 """
 
@@ -125,6 +126,6 @@ def student_instruction(prompt: str, dimension: str, grid: ScoreGrid) -> str:
 def teacher_instruction(prompt: str, dimension: str, grid: ScoreGrid) -> str:
     """Teacher template: reason about the image first, then write the marker and the score token."""
     return _instruction_head(prompt, dimension, grid) + (
-        f"First describe what you see and reason about the rubric, then write '{SCORE_MARKER}' "
-        f"followed by the score token."
+        f"First describe what you see and reason about the rubric, then write '{SCORE_MARKER}', a space "
+        f"and the score token."
     )

@@ -46,14 +46,21 @@ class RolloutConfig:
     """Teacher-style sampling: reasoning, then the score marker, then the score token."""
 
     max_new_tokens: int = 768
-    temperature: float = 1.0
+    temperature: float = 1.0  # τ of the reasoning tokens and of the score token
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    # Sampling uses these values and nothing from the checkpoint's generation_config.json (a
+    # repetition_penalty there would make the rollouts differ from π_old); see vlm.reasoning.sampling_config.
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
 
 
 @dataclass
@@ -99,6 +106,26 @@ class GDSOConfig:
 
 
 @dataclass
+class PolicyLossConfig:
+    """How L_GRPO (Eq. 4) aggregates the token terms of GDSO / GRPO outputs (METHOD.md §2).
+
+    ``sum``: Σ over each output's tokens, mean over outputs (the paper's Eq. 4); ``sequence_mean``:
+    1/|o| per output (DeepSeekMath's GRPO); ``token_mean``: one mean over all tokens of the batch
+    (DAPO). The choice scales L_GRPO against α·L_CE and α·L_pw by about the output length.
+    """
+
+    aggregate: Literal["sum", "sequence_mean", "token_mean"] = "sum"
+
+    def __post_init__(self) -> None:
+        from zr_diffusion.reward.losses import AGGREGATES
+
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(
+                f"policy_loss.aggregate must be one of {list(AGGREGATES)}, got {self.aggregate!r}"
+            )
+
+
+@dataclass
 class DistillConfig:
     """RISD and OPD settings (METHOD.md §3, §4)."""
 
@@ -124,6 +151,9 @@ class TrainRewardConfig:
     dtype: Dtype = "float32"  # weights of frozen parts; trainable weights stay float32
     gradient_checkpointing: bool = False
     train_vision_tower: bool = False  # also LoRA / fine-tune the vision tower (frozen by default)
+    # passed to apply_chat_template for the teacher template (Qwen3-family templates may then open a
+    # <think> block for the reasoning); the student template always gets false
+    enable_thinking: bool = False
     batch_size: int = 4  # global: preference pairs for gdso/grpo, records otherwise
     eval_batch_size: int = 8
     grid: GridConfig = field(default_factory=GridConfig)
@@ -133,6 +163,7 @@ class TrainRewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     gdso: GDSOConfig = field(default_factory=GDSOConfig)
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     resume: bool = False
 
@@ -167,6 +198,7 @@ class EvalRewardConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     skip_bad: bool = False
+    enable_thinking: bool = False  # teacher mode: passed to apply_chat_template (student: always false)
     teacher_samples: int = 1  # teacher mode: reasoning samples per (image, dimension); μ is their mean
 
     def __post_init__(self) -> None:

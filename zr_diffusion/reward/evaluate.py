@@ -381,9 +381,10 @@ def score_teacher(
 ) -> Scoring:
     """μ of every record from sampled reasoning: one vision pass per image, then ``teacher_samples``
     reasoning rollouts per (image, dimension), q read after the score marker; μ is the mean over the
-    rollouts. Tokens per call = reasoning tokens + marker tokens + the score token."""
+    rollouts. Tokens per call = the tokens the model generated (reasoning, the marker when it wrote
+    it, a sampled EOS) + the score token; a marker appended for the readout was not generated."""
     from zr_diffusion.scores import expected_score
-    from zr_diffusion.vlm.readout import generate_reasoning
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     bins = scorer.grid.values()
     mu, reasoning = [math.nan] * len(records), [None] * len(records)
@@ -402,13 +403,14 @@ def score_teacher(
             num_samples=cfg.teacher_samples,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
             max_new_tokens=cfg.rollout.max_new_tokens,
         )  # [len(rec)][G]
         _sync(device)
         seconds += time.perf_counter() - start
         for i, outs in zip(rec, samples):
             mu[i] = sum(float(expected_score(s.probs.float().cpu(), bins)) for s in outs) / len(outs)
-            tokens += [len(s.token_ids) + 1 for s in outs]
+            tokens += [s.num_generated_tokens + 1 for s in outs]
             reasoning[i] = outs[0].text
         images += len(batch)
     return Scoring(mu, tokens, images, seconds, reasoning)
@@ -454,7 +456,8 @@ def evaluate_reward(cfg: EvalRewardConfig) -> EvalMetrics:
         vlm, processor = load_vlm(
             cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code
         )
-        scoring = score_teacher(VLMScorer(vlm, processor, grid), records, batches, cfg, device)
+        scorer = VLMScorer(vlm, processor, grid, enable_thinking=cfg.enable_thinking)
+        scoring = score_teacher(scorer, records, batches, cfg, device)
     else:
         raise ValueError(f"mode {cfg.mode!r}: valid modes are 'student' and 'teacher'")
     info = {

@@ -198,6 +198,7 @@ def gdso_loss(
     method: str = "gdso",
     step: int | str | None = None,
     check: bool = True,
+    aggregate: str = "sum",
 ) -> LossTerms:
     """Eq. 14 on one rollout batch: ``L = L_GRPO(A) + α_pt L_CE + α_pw L_pw``.
 
@@ -218,6 +219,7 @@ def gdso_loss(
         method: "gdso" or "grpo" (see :func:`objective_weights`).
         step: where training is, for error messages.
         check: raise ``FloatingPointError`` on a non-finite added term.
+        aggregate: token aggregation of L_GRPO (``policy_loss.aggregate``; ``sum`` is Eq. 4).
     """
     alpha_pt, alpha_pw = objective_weights(method, gdso)
     b, _, g, t = rollout.token_ids.shape
@@ -235,6 +237,7 @@ def gdso_loss(
         clip_eps=clip,
         ref_logprobs=ref.to(device) if ref is not None else None,
         beta=gdso.beta,
+        aggregate=aggregate,
     )
     if check:
         ensure_finite(policy.loss, "policy_gradient", step)
@@ -386,6 +389,7 @@ class GDSOStep:
                 max_new_tokens=cfg.rollout.max_new_tokens,
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
                 generator=generator,
                 reference=self.reference if cfg.gdso.beta > 0 else None,
                 features=features,
@@ -426,6 +430,7 @@ class GDSOStep:
             self.method,
             step=f"{step} (iteration {n}, batch {m}, update {k})",
             check=False,
+            aggregate=self.cfg.policy_loss.aggregate,
         )
         alpha_pt, alpha_pw = objective_weights(self.method, self.cfg.gdso)
         out = {

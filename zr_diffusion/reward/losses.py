@@ -13,7 +13,9 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "AGGREGATES",
     "PolicyLossOutput",
+    "aggregate_tokens",
     "combined_reward",
     "group_advantages",
     "opd_advantages",
@@ -95,6 +97,25 @@ def _masked_seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over each sequence's valid tokens, then mean over sequences. x, mask: [N, T] -> scalar."""
     per_seq = (x * mask).sum(dim=-1) / mask.sum(dim=-1)  # [N]
     return per_seq.mean()
+
+
+AGGREGATES: tuple[str, ...] = ("sum", "sequence_mean", "token_mean")
+
+
+def aggregate_tokens(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Token terms ``x [N, T]`` (0 off ``mask``) to one scalar, as ``policy_loss.aggregate`` says:
+
+    - ``sum``: ``(1/N) Σ_n Σ_t x`` — Eq. 4 sums over an output's tokens (the paper's L_GRPO);
+    - ``sequence_mean``: ``(1/N) Σ_n (1/|o_n|) Σ_t x`` (DeepSeekMath's GRPO);
+    - ``token_mean``: ``Σ_n Σ_t x / Σ_n |o_n|``, one mean over every token of the batch (DAPO).
+    """
+    if how == "sum":
+        return (x * mask).sum(dim=-1).mean()
+    if how == "sequence_mean":
+        return _masked_seq_mean(x, mask)
+    if how == "token_mean":
+        return (x * mask).sum() / mask.sum()
+    raise ValueError(f"unknown token aggregation {how!r}; valid: {list(AGGREGATES)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,14 +392,15 @@ def policy_gradient_loss(
     clip_eps: float | None = 0.2,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
+    aggregate: str = "sum",
 ) -> PolicyLossOutput:
     """Token-level GRPO loss, Eq. 4 (the L_GRPO term of Eq. 14).
 
     Per valid token t of sequence n, with ``ρ = exp(logp − old_logp)`` and sequence advantage A_n:
     ``ℓ_pg = −min(ρ A, clip(ρ, 1−ε, 1+ε) A)`` (``−ρ A`` when ``clip_eps`` is None) and
     ``ℓ_kl = exp(ref − logp) − (ref − logp) − 1`` (k3 estimator, unbiased and >= 0).
-    Aggregation, as in the GRPO paper (DeepSeekMath Eq. 3): mean over each sequence's valid tokens,
-    then mean over sequences, so every sequence weighs the same whatever its length.
+    Aggregation of the token terms (pg and KL alike) by :func:`aggregate_tokens`: ``sum`` over each
+    output's tokens, then mean over outputs (Eq. 4, the default), ``sequence_mean`` or ``token_mean``.
     ``old_logprobs``, ``ref_logprobs`` and ``advantages`` are constants (detached), so with
     ``old_logprobs == logprobs.detach()`` the gradient is the REINFORCE gradient ``−A ∇logp``.
 
@@ -390,9 +412,11 @@ def policy_gradient_loss(
         clip_eps: PPO clip ε in (0, 1), or None for no clipping.
         ref_logprobs: reference-policy log-probs ``[N, T]``; required when beta > 0.
         beta: KL weight, >= 0.
+        aggregate: ``sum`` | ``sequence_mean`` | ``token_mean`` (``policy_loss.aggregate``).
 
     Returns:
-        :class:`PolicyLossOutput`.
+        :class:`PolicyLossOutput`; ``clip_fraction`` is the mean over outputs of each output's clipped share,
+        whatever ``aggregate``.
     """
     fn = "policy_gradient_loss"
     _check_ndim(fn, logprobs, "logprobs [N,T]", 2)
@@ -409,6 +433,8 @@ def policy_gradient_loss(
         raise ValueError(f"{fn}: beta must be >= 0, got {beta}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"{fn}: beta={beta} > 0 needs ref_logprobs [N,T]; pass them or set beta=0")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"{fn}: aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
 
     # Zero padded positions first so inf/NaN padding cannot reach values or gradients.
     zero = torch.zeros_like(logprobs)
@@ -425,14 +451,14 @@ def policy_gradient_loss(
         surr_clip = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv  # [N, T]
         pg_tok = -torch.minimum(surr, surr_clip)
         clipped = ((ratio > 1.0 + clip_eps) & (adv > 0)) | ((ratio < 1.0 - clip_eps) & (adv < 0))  # [N, T]
-    pg_loss = _masked_seq_mean(pg_tok, mask)
+    pg_loss = aggregate_tokens(pg_tok, mask, aggregate)
 
     if ref_logprobs is None:
         kl = logprobs.new_zeros(())
     else:
         _check_same_shape(fn, logprobs, "logprobs [N,T]", ref_logprobs, "ref_logprobs")
         diff = torch.where(mask, ref_logprobs.detach(), zero) - logp  # [N, T]
-        kl = _masked_seq_mean(torch.exp(diff) - diff - 1.0, mask)
+        kl = aggregate_tokens(torch.exp(diff) - diff - 1.0, mask, aggregate)
 
     clip_fraction = _masked_seq_mean(clipped.to(logprobs.dtype), mask).detach()
     return PolicyLossOutput(loss=pg_loss + beta * kl, pg_loss=pg_loss, kl=kl, clip_fraction=clip_fraction)

@@ -161,8 +161,8 @@ def setup_policy(cfg: TrainRewardConfig, accelerator, model_path: str | None = N
     model.to(accelerator.device)
     model.train()
     grid = cfg.grid.build()
-    scorer = VLMScorer(vlm, processor, grid)
-    plain_scorer = VLMScorer(vlm, processor, grid, scorer.spec)
+    scorer = VLMScorer(vlm, processor, grid, enable_thinking=cfg.enable_thinking)
+    plain_scorer = VLMScorer(vlm, processor, grid, scorer.spec, enable_thinking=cfg.enable_thinking)
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
     accelerator.print(
@@ -179,7 +179,7 @@ def load_frozen(
     vlm, processor = load_vlm(path, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     vlm.requires_grad_(False)
     vlm.eval()
-    return VLMScorer(vlm, processor, cfg.grid.build())
+    return VLMScorer(vlm, processor, cfg.grid.build(), enable_thinking=cfg.enable_thinking)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from zr_diffusion.reward.scoring import hpa_eval_fn, student_score_logits
 from zr_diffusion.scores import expected_score, score_distribution
 from zr_diffusion.training import make_accelerator, seed_step
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: q read after the marker's trailing space (where the digit is written)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -95,6 +95,8 @@ def _cache_folder(cfg, teacher_fp: dict) -> tuple[Path, dict]:
         "max_new_tokens": cfg.rollout.max_new_tokens,
         "temperature": cfg.rollout.temperature,
         "top_p": cfg.rollout.top_p,
+        "top_k": cfg.rollout.top_k,
+        "enable_thinking": cfg.enable_thinking,
         "grid": [cfg.grid.s_min, cfg.grid.s_max, cfg.grid.step, list(cfg.grid.tokens)],
         "dtype": cfg.dtype,
         "seed": cfg.run.seed,
@@ -124,7 +126,7 @@ def _compute(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher targets ``([n, S], [n])`` for ``records``: R rollouts each, q averaged."""
     from zr_diffusion.reward.scoring import group_images
-    from zr_diffusion.vlm.readout import generate_reasoning
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     teacher = load_frozen(cfg.distill.teacher, cfg, device)
     batch = cfg.distill.teacher_batch_size
@@ -145,6 +147,7 @@ def _compute(
                 num_samples=cfg.distill.teacher_rollouts,
                 temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
                 max_new_tokens=cfg.rollout.max_new_tokens,
             )  # [B][R]
             for p, outs in zip(group.positions, samples):

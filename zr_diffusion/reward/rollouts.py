@@ -5,15 +5,17 @@ Dimension names: B preference pairs, 2 sides (0 = w, the higher-scored image; 1 
 side, S score bins, T output tokens (reasoning, score marker and the score token, right-aligned).
 Sequences are flattened as N = B x 2 x G in (pair, side, output) order.
 
-An output is ``o = (ρ, a)``: reasoning ρ sampled by ``generate_reasoning`` up to the score marker,
-then one score token a. **(ours)** ``a`` is sampled from the score distribution at the marker,
+An output is ``o = (ρ, a)``: reasoning ρ sampled by ``generate_reasoning`` up to the score marker
+as a model writes it before the digit ("Score: " with its space, so q is read where the digit is
+written), then one score token a. **(ours)** ``a`` is sampled from the score distribution there,
 ``a ~ softmax(score_logits / τ)`` over the S score tokens (τ = ``rollout.temperature``): the
 policy's next-token distribution conditioned on writing a score token, so every output ends in a
 valid score. Its log-probability in the policy-gradient loss is that of the full-vocabulary policy,
 ``log π(a | …) = logit_a − logsumexp(all logits)``, so the loss also raises (or lowers) the mass the
 policy puts on score tokens at all. Token log-probs are the model's own (temperature 1, no top-p
 filter), as in the GRPO paper and trl; the shipped configs sample at τ = 1 and top-p = 1, where the
-rollout policy is exactly π_old.
+rollout policy is exactly π_old (``generate`` gets a generation config built from the rollout
+settings alone, nothing from the checkpoint's ``generation_config.json``: ``vlm.reasoning.sampling_config``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 from zr_diffusion.data.records import PreferencePair, load_image
 from zr_diffusion.scores import ScoreGrid, score_distribution
-from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning
+from zr_diffusion.vlm.readout import VLMScorer
+from zr_diffusion.vlm.reasoning import generate_reasoning
 
 SIDES = 2  # w, l
 
@@ -209,6 +212,7 @@ def sample_rollouts(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     generator: torch.Generator,
     reference: ReferenceWeights | None = None,
     features=None,
@@ -236,6 +240,7 @@ def sample_rollouts(
         num_samples=g,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         max_new_tokens=max_new_tokens,
         logits_processor=logits_processor,
     )  # [2B][G]

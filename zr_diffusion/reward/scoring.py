@@ -133,7 +133,7 @@ def teacher_rollouts(
 ) -> list:
     """``num_samples`` sampled reasonings per record, teacher template (``rollout``: a RolloutConfig):
     ``[B][R]`` ReasoningSamples, each with q read after its score marker. One vision pass per image."""
-    from zr_diffusion.vlm.readout import generate_reasoning
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     out: list = [None] * len(records)
     for group in group_images(records, scorer.device):
@@ -147,6 +147,7 @@ def teacher_rollouts(
             num_samples=num_samples,
             temperature=rollout.temperature,
             top_p=rollout.top_p,
+            top_k=rollout.top_k,
             max_new_tokens=rollout.max_new_tokens,
         )  # [B][R]
         for p, outs in zip(group.positions, samples):

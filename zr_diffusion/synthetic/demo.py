@@ -102,6 +102,7 @@ class RewardSettings:
             "method": "grpo",
             "batch_size": 4,
             "gdso": {"group_size": 4},
+            "policy_loss": {"aggregate": "sequence_mean"},  # the demo's lr was tuned on per-output means
             "run": {"max_steps": 80},
         }
     )
@@ -110,6 +111,7 @@ class RewardSettings:
             "method": "gdso",
             "batch_size": 4,
             "gdso": {"group_size": 4},
+            "policy_loss": {"aggregate": "sequence_mean"},  # the demo's lr was tuned on per-output means
             "run": {"max_steps": 80},
         }
     )

@@ -100,8 +100,9 @@ def split_scenes(images_jsonl: str | Path) -> dict[str, list[Scene]]:
 
 
 def suffix_ids(tokenizer, description: str) -> list[int]:
-    """Token ids of ``description`` followed by the score marker (what the model learns to write)."""
-    return tokenizer.encode(f"{description} {SCORE_MARKER}", add_special_tokens=False)
+    """Token ids of ``description`` followed by the score marker as written before a score token
+    ("… Score: 7" without the digit, the space included): what the model learns to write."""
+    return tokenizer.encode(f"{description} {SCORE_MARKER} 1", add_special_tokens=False)[:-1]
 
 
 def _batch_loss(scorer, items: Sequence[PerceptionItem], dims: Sequence[str]) -> torch.Tensor:
@@ -276,7 +277,8 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
     colour and background words. Also the mean number of generated tokens.
     """
     from zr_diffusion.vlm.loading import load_vlm
-    from zr_diffusion.vlm.readout import VLMScorer, generate_reasoning
+    from zr_diffusion.vlm.readout import VLMScorer
+    from zr_diffusion.vlm.reasoning import generate_reasoning
 
     model, processor = load_vlm(model_dir)
     scorer = VLMScorer(model, processor)

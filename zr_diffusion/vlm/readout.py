@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
 from PIL import Image
 
 from zr_diffusion.rubric import SCORE_MARKER, check_dimensions, student_instruction, teacher_instruction
-from zr_diffusion.scores import ScoreGrid, gather_score_logits, score_distribution
+from zr_diffusion.scores import ScoreGrid, gather_score_logits
 from zr_diffusion.vlm.loading import SUPPORTED_FAMILIES, UnsupportedModelError
 from zr_diffusion.vlm.preprocess import VisionSpec, preprocess_images
 
@@ -38,20 +38,40 @@ class ChatBatch(NamedTuple):
     suffix_lengths: torch.Tensor  # [N], tokens after the generation prompt
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def opens_thinking(chat_text: str) -> bool:
+    """Whether a chat-formatted text ends inside an open ``<think>`` block (Qwen3-family templates)."""
+    return chat_text.rfind(THINK_OPEN) > chat_text.rfind(THINK_CLOSE)
+
+
 class ScoringInputs:
     """Builds chat-formatted scoring inputs with the real processor, cached per
     ``(prompt, dimension, image size, mode)``.
 
     The message is ``[{role: user, content: [image, instruction]}]`` with the generation prompt
     appended; the processor expands the image placeholder to one pad token per merged vision token.
+    ``enable_thinking`` goes to ``apply_chat_template`` for the teacher template (its reasoning may
+    happen inside a ``<think>`` block the template opens); the student template always gets
+    ``enable_thinking=False``, and a template that still leaves a thinking block open at the
+    student's answer position is refused: the student's score is read outside any reasoning.
     """
 
-    def __init__(self, processor, grid: ScoreGrid, spec: VisionSpec | None = None, max_cache: int = 65536):
+    def __init__(
+        self,
+        processor,
+        grid: ScoreGrid,
+        spec: VisionSpec | None = None,
+        max_cache: int = 65536,
+        enable_thinking: bool = False,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.grid = grid
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
         self.max_cache = max_cache
+        self.enable_thinking = bool(enable_thinking)
         self._cache: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -73,7 +93,21 @@ class ScoringInputs:
                 ],
             }
         ]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        thinking = self.enable_thinking and mode == "teacher"
+        # a template that never reads the flag gets none (transformers warns about unread kwargs)
+        template = self.processor.chat_template or ""
+        flags = {"enable_thinking": thinking} if "enable_thinking" in template else {}
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **flags
+        )
+        if mode == "student" and opens_thinking(text):
+            raise ValueError(
+                f"the chat template leaves a {THINK_OPEN} block open at the student's answer position even "
+                f"with enable_thinking=False (generation prompt ends {text[-40:]!r}); the student's score "
+                f"is read right after the prompt, outside any reasoning: use a chat template that closes "
+                f"the block (or emits none) when enable_thinking is false"
+            )
+        return text
 
     def prompt_ids(self, prompt: str, dimension: str, size: tuple[int, int], mode: Mode) -> tuple[int, ...]:
         """Token ids of one scoring prompt for an on-grid image of ``size = (H, W)`` pixels."""
@@ -158,15 +192,28 @@ class SuffixReadout(NamedTuple):
     score_logprobs: torch.Tensor  # [N, S] log π(score token) over the full vocabulary there
 
 
-def _dimension_list(dimensions: str | Sequence[str]) -> list[str]:
+def dimension_list(dimensions: str | Sequence[str]) -> list[str]:
     return [dimensions] if isinstance(dimensions, str) else list(dimensions)
 
 
 class VLMScorer:
     """Reads score distributions from a Qwen-VL model: student (score right after the prompt) and
-    teacher (score after a reasoning suffix ending in the score marker)."""
+    teacher (score after a reasoning suffix ending in the score marker).
 
-    def __init__(self, model, processor, grid: ScoreGrid | None = None, spec: VisionSpec | None = None):
+    In both modes q is read at the position whose next token is the score token: the student's
+    answer position (right after the generation prompt), and for the teacher the end of the marker
+    as a model writes it before the digit (``Score``, ``:``, `` `` in Qwen's BPE; :func:`marker_variants`).
+    ``enable_thinking`` is passed to the chat template of the teacher prompt (see :class:`ScoringInputs`).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        grid: ScoreGrid | None = None,
+        spec: VisionSpec | None = None,
+        enable_thinking: bool = False,
+    ):
         self.family = model.config.model_type
         if self.family not in SUPPORTED_FAMILIES:
             raise UnsupportedModelError(
@@ -178,9 +225,19 @@ class VLMScorer:
         self.grid = grid if grid is not None else ScoreGrid()
         self.token_ids = self.grid.token_ids(self.tokenizer)  # validates: one token per bin
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
-        self.inputs = ScoringInputs(processor, self.grid, self.spec)
+        self.inputs = ScoringInputs(processor, self.grid, self.spec, enable_thinking=enable_thinking)
         self.image_token_id = int(model.config.image_token_id)
-        self.marker_ids = tuple(self.tokenizer.encode(SCORE_MARKER, add_special_tokens=False))
+
+    @cached_property
+    def marker_spellings(self) -> list[tuple[int, ...]]:
+        """The teacher's score marker as written before the digit (:func:`marker_variants`; validated on
+        first use, so a student-only scorer never needs it)."""
+        return marker_variants(self.tokenizer, self.grid)
+
+    @property
+    def marker_ids(self) -> tuple[int, ...]:
+        """``Score: `` as written at the start of a line, right before the score token."""
+        return self.marker_spellings[0]
 
     @property
     def device(self) -> torch.device:
@@ -246,7 +303,7 @@ class VLMScorer:
         ``prompts`` has one prompt per image; all B x D sequences run in one language-model batch on
         the B images' features (no further vision pass).
         """
-        dims = list(check_dimensions(_dimension_list(dimensions)))
+        dims = list(check_dimensions(dimension_list(dimensions)))
         n_images = features.grid_thw.shape[0]
         if len(prompts) != n_images:
             raise ValueError(f"got {len(prompts)} prompts for {n_images} images; give one prompt per image")
@@ -267,7 +324,7 @@ class VLMScorer:
         """Score logits ``[N, S]`` at the answer position of N sequences, sequence n being
         ``(image_index[n], prompts[n], dimensions[n])`` (one dimension name applies to all)."""
         n = len(prompts)
-        dims = _dimension_list(dimensions)
+        dims = dimension_list(dimensions)
         dims = dims * n if len(dims) == 1 else dims
         image_index = list(range(n)) if image_index is None else list(image_index)
         if not (len(dims) == len(image_index) == n):
@@ -295,7 +352,7 @@ class VLMScorer:
         the end of the suffix. Gradients flow to the model (when trainable) and to the image features.
         """
         n = len(suffix_ids)
-        dims = _dimension_list(dimensions)
+        dims = dimension_list(dimensions)
         dims = dims * n if len(dims) == 1 else dims
         image_index = list(range(n)) if image_index is None else list(image_index)
         if not (len(prompts) == len(dims) == len(image_index) == n):
@@ -334,190 +391,42 @@ class VLMScorer:
         return self.score_logits(self.encode_images(images), prompts, dimensions, mode)
 
 
-# --------------------------------------------------------------------------- reasoning rollouts
+def marker_variants(
+    tokenizer, grid: ScoreGrid | None = None, marker: str = SCORE_MARKER
+) -> list[tuple[int, ...]]:
+    """Token-id sequences that spell ``marker`` the way a model writes it right before a score token.
 
-
-@dataclass
-class ReasoningSample:
-    """One teacher output ``o = (ρ, a)``: the reasoning, the marker, and q read after the marker."""
-
-    input_index: int  # which input (image, prompt, dimension) it belongs to
-    text: str  # reasoning text before the marker
-    token_ids: list[int]  # the suffix fed back for readout: reasoning ids + score-marker ids
-    marker_appended: bool  # True when the model did not write the marker within the budget
-    score_logits: torch.Tensor  # [S] at the position after the marker
-    probs: torch.Tensor  # [S]
-    num_generated_tokens: int  # tokens sampled from the model (marker included when generated, EOS counted)
-    marker_length: int = 0  # how many trailing token_ids are the marker
-
-    @property
-    def sampled_length(self) -> int:
-        """How many leading ``token_ids`` the model sampled (an appended marker was not sampled)."""
-        return len(self.token_ids) - (self.marker_length if self.marker_appended else 0)
-
-
-def marker_variants(tokenizer, marker: str = SCORE_MARKER) -> list[tuple[int, ...]]:
-    """Token-id sequences that spell ``marker`` at the end of generated text.
-
-    Byte-level BPEs spell a word differently after a space or a newline (" Score" vs "Score"), so the
-    marker is encoded after each; a leading whitespace-only token is dropped from a variant.
+    The marker is everything before the digit in the natural tokenization of ``"Score: 7"``: a real
+    Qwen BPE splits it into ``Score``, ``:``, `` ``, ``7``, so the marker ends with the space and q is
+    read at the position whose next token is the digit (METHOD.md §2, score position). Byte-level BPEs
+    spell a word differently after a space or a newline (" Score" vs "Score"), so the marker is encoded
+    after each; a leading whitespace-only token is dropped from a variant. A tokenizer that does not
+    write every score token as its own token after the marker (e.g. one that merges " 7") is a
+    configuration error: q would have no position to be read at.
     """
-    variants = []
+    grid = grid if grid is not None else ScoreGrid()
+    score_ids = grid.token_ids(tokenizer)
+    variants: list[tuple[int, ...]] = []
     for prefix in ("", " ", "\n"):
-        ids = tokenizer.encode(prefix + marker, add_special_tokens=False)
+        spelled = set()
+        for token, token_id in zip(grid.tokens, score_ids):
+            text = f"{prefix}{marker} {token}"
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) < 2 or ids[-1] != token_id:
+                raise ValueError(
+                    f"the tokenizer writes {text!r} as {tokenizer.convert_ids_to_tokens(ids)}, which does not "
+                    f"end in the score token {token!r} (id {token_id}); the score is read where the model "
+                    f"writes the score token, so each one must follow '{marker} ' as its own token"
+                )
+            spelled.add(tuple(ids[:-1]))
+        if len(spelled) != 1:
+            raise ValueError(
+                f"the tokenizer spells the marker {prefix + marker!r} differently before different score "
+                f"tokens: {sorted(spelled)}; the score tokens {list(grid.tokens)} need one marker spelling"
+            )
+        ids = spelled.pop()
         if prefix and len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
             ids = ids[1:]
-        if tuple(ids) not in variants:
-            variants.append(tuple(ids))
+        if ids not in variants:
+            variants.append(ids)
     return variants
-
-
-def find_marker_end(ids: Sequence[int], variants: Sequence[Sequence[int]]) -> tuple[int, int] | None:
-    """``(start, end)`` of the first marker occurrence in ``ids`` (``end`` exclusive), or None."""
-    best = None
-    for var in variants:
-        k = len(var)
-        for end in range(k, len(ids) + 1):
-            if tuple(ids[end - k : end]) == tuple(var):
-                if best is None or end < best[1]:
-                    best = (end - k, end)
-                break
-    return best
-
-
-class _MarkerStop:
-    """Stopping criterion: a sequence is done once its generated tail ends with a marker variant."""
-
-    def __init__(self, variants: Sequence[Sequence[int]], prompt_length: int):
-        self.variants = [torch.tensor(v) for v in variants]
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        generated = input_ids.shape[1] - self.prompt_length
-        for var in self.variants:
-            k = len(var)
-            if generated >= k:
-                done |= (input_ids[:, -k:] == var.to(input_ids.device)).all(-1)
-        return done
-
-
-@torch.no_grad()
-def generate_reasoning(
-    scorer: VLMScorer,
-    images: torch.Tensor | ImageFeatures,
-    prompts: Sequence[str],
-    dimensions: str | Sequence[str],
-    *,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    logits_processor=None,
-) -> list[list[ReasoningSample]]:
-    """Sample ``num_samples`` (G) teacher outputs per input and read q after each score marker.
-
-    Inputs are B images (or their precomputed features), one prompt and one dimension each (a single
-    dimension name applies to all). Sampling stops per sequence at the score marker; an output that
-    has no marker within ``max_new_tokens`` (or that ends first) gets the marker appended and
-    ``marker_appended=True``. Returns ``[B][G]`` samples. ``temperature=0`` samples greedily.
-    """
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    features = images if isinstance(images, ImageFeatures) else scorer.encode_images(images)
-    n_inputs = features.grid_thw.shape[0]
-    dims = _dimension_list(dimensions)
-    dims = dims * n_inputs if len(dims) == 1 else dims
-    if not (len(prompts) == len(dims) == n_inputs):
-        raise ValueError(
-            f"generate_reasoning needs one prompt and dimension per image; got {len(prompts)} prompts and "
-            f"{len(dims)} dimensions for {n_inputs} images"
-        )
-    if num_samples < 1 or max_new_tokens < 1:
-        raise ValueError(
-            f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}"
-        )
-    index = [b for b in range(n_inputs) for _ in range(num_samples)]
-    rollout_features = features.select(index)
-    batch = scorer.inputs.batch(
-        [prompts[b] for b in index], [dims[b] for b in index], features.size, "teacher", device=scorer.device
-    )
-    variants = marker_variants(scorer.tokenizer)
-    prompt_length = batch.input_ids.shape[1]
-    eos = _eos_ids(scorer)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-    sampling = sampling if temperature > 0 else dict(do_sample=False)
-    sequences = scorer.model.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        mm_token_type_ids=(batch.input_ids == scorer.image_token_id).long(),
-        image_grid_thw=rollout_features.grid_thw,
-        mm_encoder_outputs={"image": rollout_features.output},
-        max_new_tokens=max_new_tokens,
-        **sampling,
-        stopping_criteria=StoppingCriteriaList([_MarkerStop(variants, prompt_length)]),
-        logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
-        pad_token_id=scorer.inputs.pad_token_id,
-        eos_token_id=eos,
-        suppress_tokens=_unsampleable_ids(scorer),
-    )
-    suffixes, meta = [], []
-    for row in sequences[:, prompt_length:].tolist():
-        suffixes.append(_split_generation(row, variants, eos, scorer.marker_ids, meta))
-    readout = scorer.suffix_readout(
-        rollout_features, [prompts[b] for b in index], [dims[b] for b in index], suffixes, mode="teacher"
-    )
-    probs = score_distribution(readout.score_logits)  # [B * G, S]
-    out: list[list[ReasoningSample]] = [[] for _ in range(n_inputs)]
-    for k, b in enumerate(index):
-        reasoning_ids, appended, n_generated = meta[k]
-        out[b].append(
-            ReasoningSample(
-                input_index=b,
-                text=scorer.tokenizer.decode(reasoning_ids, skip_special_tokens=True),
-                token_ids=suffixes[k],
-                marker_appended=appended,
-                score_logits=readout.score_logits[k],
-                probs=probs[k],
-                num_generated_tokens=n_generated,
-                marker_length=len(suffixes[k]) - len(reasoning_ids),
-            )
-        )
-    return out
-
-
-def _unsampleable_ids(scorer: VLMScorer) -> list[int]:
-    """Vision placeholders (they would be read as image positions) and ids past the tokenizer."""
-    config = scorer.model.config
-    ids = [
-        config.image_token_id,
-        config.video_token_id,
-        config.vision_start_token_id,
-        config.vision_end_token_id,
-    ]
-    vocab = scorer.model.get_output_embeddings().weight.shape[0]
-    return sorted({int(i) for i in ids} | set(range(len(scorer.tokenizer), vocab)))
-
-
-def _eos_ids(scorer: VLMScorer) -> list[int]:
-    eos = scorer.model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    im_end = scorer.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end not in eos and im_end != scorer.tokenizer.unk_token_id:
-        eos.append(im_end)
-    return eos
-
-
-def _split_generation(row: list[int], variants, eos: Sequence[int], marker_ids, meta: list) -> list[int]:
-    """Cut one generated row at the marker (or at its end) and record (reasoning, appended, count)."""
-    end = next((i for i, tok in enumerate(row) if tok in eos), None)
-    n_generated = len(row) if end is None else end + 1
-    body = row if end is None else row[:end]
-    found = find_marker_end(body, variants)
-    if found is not None:
-        start, stop = found
-        meta.append((body[:start], False, stop))
-        return body[:stop]
-    meta.append((body, True, n_generated))
-    return body + list(marker_ids)

@@ -303,8 +303,9 @@ def vision_preset(family: str) -> dict:
     )
 
 
-def build_tiny_processor(family: str, tokenizer=None):
-    """The family's real processor with the real (torchvision) image processor, on the tiny tokenizer."""
+def build_tiny_processor(family: str, tokenizer=None, chat_template: str = CHAT_TEMPLATE):
+    """The family's real processor with the real (torchvision) image processor, on the tiny tokenizer
+    (or on ``tokenizer``, e.g. the real Qwen BPE of :mod:`zr_diffusion.vlm.qwen_tokenizer`)."""
     from transformers import Qwen2VLImageProcessor
 
     _, _, processor_cls, video_cls = _model_and_processor_classes(family)
@@ -316,7 +317,7 @@ def build_tiny_processor(family: str, tokenizer=None):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -341,19 +342,28 @@ def build_tiny_config(family: str, tokenizer, size: str = "tiny"):
     return config
 
 
-def make_tiny_vlm(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0, size: str = "tiny") -> Path:
+def make_tiny_vlm(
+    out_dir: str | Path,
+    family: str = "qwen2_vl",
+    seed: int = 0,
+    size: str = "tiny",
+    tokenizer=None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Path:
     """Build, seed and save a tiny ``family`` VLM and its processor into ``out_dir`` (safetensors).
 
     ``size="small"`` is a somewhat larger variant (e.g. a teacher next to a tiny student); both share
-    one tokenizer per family, so teacher and student vocabularies agree.
+    one tokenizer per family, so teacher and student vocabularies agree. ``tokenizer``: another
+    tokenizer with the Qwen special tokens (default: the tiny BPE), e.g. the real Qwen BPE;
+    ``chat_template``: another chat template (e.g. one that opens a ``<think>`` block).
     """
     from transformers.utils import logging as hf_logging
 
     _check_family(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(family)
-    processor = build_tiny_processor(family, tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer(family)
+    processor = build_tiny_processor(family, tokenizer, chat_template)
     config = build_tiny_config(family, tokenizer, size)
     model_cls = _model_and_processor_classes(family)[1]
     torch.manual_seed(seed)
