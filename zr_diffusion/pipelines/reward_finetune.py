@@ -357,8 +357,8 @@ def train_step(
         sums += torch.stack([terms.loss, terms.reward.mean(), terms.reg]).detach().float() / accum
         mu_sum += terms.mu.detach().float().mean(0) / accum
     grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
-    loss, reward, reg = accelerator.reduce(sums).tolist()
-    mu = accelerator.reduce(mu_sum).tolist()  # [D]
+    loss, reward, reg = accelerator.reduce(sums, reduction="mean").tolist()
+    mu = accelerator.reduce(mu_sum, reduction="mean").tolist()  # [D]
     logs = {"step": step + 1, "loss": loss, "reward": reward, "reg": reg}
     logs |= {f"mu/{d}": v for d, v in zip(reward_model.dimensions, mu)}
     return logs | {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}

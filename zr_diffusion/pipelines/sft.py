@@ -298,7 +298,9 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
         grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         completed = step + 1
 
-        loss_mean = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device)))
+        loss_mean = float(
+            accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="mean")
+        )
         logs = {
             "step": completed,
             "loss": loss_mean,
