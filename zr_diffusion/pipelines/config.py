@@ -151,6 +151,22 @@ def _check_batch(batch_size: int, run: RunConfig) -> None:
         )
 
 
+def micro_batch_size(batch_size: int, grad_accum: int, num_processes: int, what: str = "prompts") -> int:
+    """Items per micro-batch over all processes, ``batch_size / grad_accum``; checked at start-up.
+
+    The t2i recipes split a step's ``batch_size`` items into ``grad_accum`` micro-batches and each
+    micro-batch over the processes, so ``batch_size`` must be a multiple of ``grad_accum × processes``.
+    """
+    micro = batch_size // grad_accum
+    if batch_size % grad_accum or micro % num_processes:
+        raise ValueError(
+            f"a micro-batch of {batch_size / grad_accum:g} {what} (batch_size={batch_size} / run.grad_accum="
+            f"{grad_accum}) does not split over {num_processes} processes; make batch_size a multiple of "
+            f"{grad_accum * num_processes} or lower run.grad_accum"
+        )
+    return micro
+
+
 @dataclass
 class FinetuneT2IConfig:
     """``zr finetune-t2i``: LoRA on a diffusers denoiser, loss = −mean Z-Reward of sampled images (§6).

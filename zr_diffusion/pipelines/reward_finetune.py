@@ -28,6 +28,7 @@ from zr_diffusion.config import save_config, to_dict
 from zr_diffusion.io import atomic_save_safetensors, atomic_write_json
 from zr_diffusion.pipelines.adapters import load_adapter
 from zr_diffusion.pipelines.base import T2IAdapter
+from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.prompts import load_prompts
 from zr_diffusion.pipelines.sampler import SamplerConfig, sample
 from zr_diffusion.training import (
@@ -379,12 +380,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
     if cfg.validation.enabled:
         val_prompts = load_prompts(cfg.validation.prompts) if cfg.validation.prompts else prompts
         val_prompts = val_prompts[: cfg.validation.num_prompts]
-    if (cfg.batch_size // cfg.run.grad_accum) % accelerator.num_processes:
-        micro = cfg.batch_size // cfg.run.grad_accum
-        raise ValueError(
-            f"a micro-batch of {micro} prompts (batch_size={cfg.batch_size} / run.grad_accum="
-            f"{cfg.run.grad_accum}) does not split over {accelerator.num_processes} processes"
-        )
+    micro_batch_size(cfg.batch_size, cfg.run.grad_accum, accelerator.num_processes)
     device = accelerator.device
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, device, cfg.enable_xformers)
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from zr_diffusion.data import DataError, load_image, load_records
 from zr_diffusion.pipelines.base import T2IAdapter
+from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.reward_finetune import (
     add_lora,
     check_finite_everywhere,
@@ -254,12 +255,7 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
     accelerator = make_accelerator(cfg.run)
     out_dir = Path(cfg.run.output_dir)
     examples = load_sft_examples(cfg.records, cfg.min_score, cfg.score_dimensions)
-    micro = cfg.batch_size // cfg.run.grad_accum
-    if micro % accelerator.num_processes:
-        raise ValueError(
-            f"a micro-batch of {micro} records (batch_size={cfg.batch_size} / run.grad_accum="
-            f"{cfg.run.grad_accum}) does not split over {accelerator.num_processes} processes"
-        )
+    micro = micro_batch_size(cfg.batch_size, cfg.run.grad_accum, accelerator.num_processes, "records")
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, accelerator.device, cfg.enable_xformers)
     adapter.latent_shape(1, cfg.height, cfg.width)  # image size check, with the family's message
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)
