@@ -197,3 +197,29 @@ def test_flux_rejects_negative_prompts(tiny_dirs):
     adapter = load_adapter(tiny_dirs["flux"])
     with pytest.raises(ValueError, match="guidance embedding"):
         adapter.encode_prompts(PROMPTS, negative_prompts=["", ""])
+
+
+def test_sd_shipped_with_another_scheduler_samples_ddim_without_clipping(tmp_path):
+    """DDIMScheduler.from_config fills clip_sample=True when the source config lacks the key (a
+    DPMSolverMultistepScheduler config does); clamping x0 to [-1, 1] at every step would cut the
+    latents' range and zero their gradient, so the converted scheduler must not clip."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("sd")
+    pipe.scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    assert "clip_sample" not in pipe.scheduler.config
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    adapter = load_adapter(tmp_path)
+    assert type(adapter.scheduler).__name__ == "DDIMScheduler"
+    assert adapter.scheduler.config.clip_sample is False
+    adapter.set_timesteps(STEPS, SIZE, SIZE)
+    latents = torch.full((1, 4, 16, 16), 3.0, requires_grad=True)  # x0 well outside [-1, 1]
+    x0 = adapter.step(torch.zeros(1, 4, 16, 16), 0, latents).pred_x0  # epsilon 0: x0 = x_t / √ᾱ_t
+    a_t = adapter.scheduler.alphas_cumprod[int(adapter.timesteps[0])]
+    torch.testing.assert_close(x0, latents.detach() / a_t.sqrt())
+    x0.sum().backward()
+    torch.testing.assert_close(latents.grad, torch.full_like(latents, 1 / float(a_t.sqrt())))

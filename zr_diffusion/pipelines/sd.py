@@ -26,7 +26,10 @@ class DDIMAdapter(T2IAdapter):
     """Shared by the UNet families: DDIM update for epsilon, v and sample prediction.
 
     A pipeline shipped with another scheduler (SD 1.5 ships PNDM) gets a DDIMScheduler built from
-    the same config, since the differentiable sampler implements the DDIM update.
+    the same config, since the differentiable sampler implements the DDIM update. ``from_config``
+    fills ``clip_sample=True`` where the source config has no such key (PNDM, DPM-Solver); clamping
+    latents to [-1, 1] at every step is wrong for latent diffusion and kills the gradient, so the
+    converted scheduler always gets ``clip_sample=False``, the value StableDiffusionPipeline corrects it to.
     """
 
     denoiser_name = "unet"
@@ -36,7 +39,7 @@ class DDIMAdapter(T2IAdapter):
     def __init__(self, pipe: DiffusionPipeline):
         super().__init__(pipe)
         if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         config = pipe.scheduler.config
         if config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
