@@ -223,3 +223,22 @@ def test_sd_shipped_with_another_scheduler_samples_ddim_without_clipping(tmp_pat
     torch.testing.assert_close(x0, latents.detach() / a_t.sqrt())
     x0.sum().backward()
     torch.testing.assert_close(latents.grad, torch.full_like(latents, 1 / float(a_t.sqrt())))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_output_at_takes_one_timestep_per_sample(tiny_dirs, family):
+    """With guidance on, sample b at timesteps[b] equals a one-sample call at that sampling step."""
+    adapter = load_adapter(tiny_dirs[family])
+    x = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    cond = adapter.encode_prompts(PROMPTS, guidance_scale=GUIDANCE[family])
+    adapter.set_timesteps(STEPS, SIZE, SIZE)
+    steps = (0, STEPS - 1)  # sample 0 at the first step, sample 1 at the last
+    with torch.no_grad():
+        batched = adapter.model_output_at(x, adapter.timesteps[list(steps)], cond)  # [2, C, h, w]
+        for b, i in enumerate(steps):
+            one = adapter.encode_prompts(PROMPTS[b : b + 1], guidance_scale=GUIDANCE[family])
+            single = adapter.model_output(x[b : b + 1], i, one)
+            torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-4, atol=1e-5)
+        assert (batched[0] - adapter.model_output(x, steps[1], cond)[0]).abs().max() > 1e-3  # t matters
+    with pytest.raises(ValueError, match=r"timesteps must be \[B\] = \[2\]"):
+        adapter.model_output_at(x, adapter.timesteps[:1], cond)

@@ -274,23 +274,6 @@ def test_sft_targets_match_the_adapters_sampling_math(family):
         torch.testing.assert_close(adapter.step(target, i, noisy).pred_x0, z, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["sd", "zimage"])
-def test_sft_batched_timesteps_equal_one_call_per_sample(family):
-    adapter = ADAPTERS[family](build_tiny_t2i(family))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, generator=gen)
-    t = torch.tensor([900, 100]) if family == "sd" else torch.tensor([900.0, 100.0])
-    guidance = 1.0 if family == "sd" else 0.0
-    cond = adapter.encode_prompts(PROMPTS[:2], None, guidance_scale=guidance)
-    with torch.no_grad():
-        batched = sft.model_output_at(adapter, x, t, cond)
-        for b in range(2):
-            one = adapter.encode_prompts(PROMPTS[b : b + 1], None, guidance_scale=guidance)
-            single = sft.model_output_at(adapter, x[b : b + 1], t[b : b + 1], one)
-            torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-4, atol=1e-5)
-    assert adapter.timesteps is None  # restored
-
-
 def test_train_t2i_sft_on_scored_and_minimal_records(tiny):
     out = tiny["root"] / "sft-sd"
     args = ["train-t2i-sft", "--config", str(CONFIGS / "sft_tiny.yaml"), f"pipeline={tiny['sd']}"]

@@ -9,8 +9,9 @@ needs, each a plain differentiable function of tensors:
     step    = adapter.denoise(x, i, cond)                             # one step i in 0..T-1, guidance included
     x, x0   = step.prev_latents, step.pred_x0                         # x0: predicted clean latents (ReFL)
     images  = adapter.decode(x)                                       # [B, 3, H, W] in [0, 1]
+    v       = adapter.model_output_at(x, t, cond)                     # one timestep per sample, t [B] (training)
 
-Latents are always unpacked ``[B, C, h, w]`` (Flux packs them into tokens inside ``model_output``).
+Latents are always unpacked ``[B, C, h, w]`` (Flux packs them into tokens inside its denoiser call).
 The scheduler math is written out (DDIM for SD/SDXL, flow-matching Euler for Flux/Z-Image) instead of
 calling the stateful ``scheduler.step``, so that any step can be taken in any order, with or without
 a graph; the tests check it against the pipeline's own ``__call__``.
@@ -127,8 +128,10 @@ class T2IAdapter(ABC):
         """Set and return the T sampling timesteps (flow families shift them by image size)."""
 
     @abstractmethod
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:
-        """One denoiser call at step ``t_index`` with guidance applied. [B, C, h, w] -> [B, C, h, w]."""
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """One denoiser call, guidance applied, sample b at ``timesteps[b]``. [B, C, h, w], [B] -> [B, C, h, w]."""
 
     @abstractmethod
     def step(self, model_output: torch.Tensor, t_index: int, latents: torch.Tensor) -> StepOutput:
@@ -155,9 +158,32 @@ class T2IAdapter(ABC):
         shape = self.latent_shape(batch, height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
+    def model_output(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:
+        """The guided denoiser output at sampling step ``t_index``. [B, C, h, w] -> [B, C, h, w]."""
+        self._check_t_index(t_index)
+        return self._guided_output(latents, self.timesteps[t_index].expand(latents.shape[0]), cond)
+
+    def model_output_at(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The guided denoiser output with one timestep per sample (training losses draw them).
+
+        latents [B, C, h, w], timesteps [B] in the scheduler's units (DDPM: integer t; flow matching:
+        σ · num_train_timesteps); needs no ``set_timesteps``. Returns [B, C, h, w].
+        """
+        if timesteps.shape != (latents.shape[0],):
+            raise ValueError(
+                f"timesteps must be [B] = [{latents.shape[0]}], one per sample, got {tuple(timesteps.shape)}"
+            )
+        out = self._guided_output(latents, timesteps.to(self.device), cond)
+        if out.shape != latents.shape:
+            raise RuntimeError(
+                f"{self.family} denoiser output {tuple(out.shape)} != latents {tuple(latents.shape)}"
+            )
+        return out
+
     def denoise(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> StepOutput:
         """One denoising step (guidance included); differentiable w.r.t. the denoiser's parameters."""
-        self._check_t_index(t_index)
         return self.step(self.model_output(latents, t_index, cond), t_index, latents)
 
     def denoise_step(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:

@@ -64,11 +64,13 @@ class FluxAdapter(FlowMatchAdapter):
         )
         return FluxConditioning(list(prompts), guidance_scale, embeds, pooled, text_ids, guidance)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: FluxConditioning) -> torch.Tensor:
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: FluxConditioning
+    ) -> torch.Tensor:
         b, c, h, w = latents.shape
         packed = FluxPipeline._pack_latents(latents.to(self.dtype), b, c, h, w)  # [B, h/2 * w/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
-        t = self.timesteps[t_index].expand(b).to(self.dtype)  # [B]
+        t = timesteps.to(self.dtype)  # [B]
         out = self.denoiser(
             hidden_states=packed,
             timestep=t / 1000,

@@ -129,9 +129,11 @@ class SDAdapter(DDIMAdapter):
         )
         return SDConditioning(list(prompts), guidance_scale, embeds, negative if do_cfg else None)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: SDConditioning) -> torch.Tensor:
-        t = self.timesteps[t_index]
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: SDConditioning
+    ) -> torch.Tensor:
         x = torch.cat([latents, latents]) if cond.do_cfg else latents  # [2B or B, C, h, w]
+        t = timesteps.repeat(2) if cond.do_cfg else timesteps  # [2B or B]
         embeds = torch.cat([cond.negative_embeds, cond.prompt_embeds]) if cond.do_cfg else cond.prompt_embeds
         out = self.denoiser(x.to(self.dtype), t, encoder_hidden_states=embeds, return_dict=False)[0]
         return self._guide(out, cond)

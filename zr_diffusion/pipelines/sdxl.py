@@ -50,14 +50,16 @@ class SDXLAdapter(DDIMAdapter):
         )
         return ids.to(self.device).repeat(rows, 1)  # [rows, 6]
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: SDXLConditioning) -> torch.Tensor:
-        t = self.timesteps[t_index]
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: SDXLConditioning
+    ) -> torch.Tensor:
         if cond.do_cfg:
             x = torch.cat([latents, latents])  # [2B, C, h, w]: uncond first, as the pipeline does
+            t = timesteps.repeat(2)  # [2B]
             embeds = torch.cat([cond.negative_embeds, cond.prompt_embeds])
             pooled = torch.cat([cond.negative_pooled_embeds, cond.pooled_embeds])
         else:
-            x, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_embeds
+            x, t, embeds, pooled = latents, timesteps, cond.prompt_embeds, cond.pooled_embeds
         added = {"text_embeds": pooled, "time_ids": self._time_ids(latents, x.shape[0])}
         out = self.denoiser(
             x.to(self.dtype), t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False

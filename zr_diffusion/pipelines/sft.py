@@ -174,28 +174,6 @@ def encode_images(adapter: T2IAdapter, images: torch.Tensor, generator: torch.Ge
     return scale_latents(adapter, z.float())
 
 
-def model_output_at(
-    adapter: T2IAdapter, latents: torch.Tensor, timesteps: torch.Tensor, cond
-) -> torch.Tensor:
-    """The denoiser output with one timestep per sample: latents [B, C, h, w], timesteps [B].
-
-    ``adapter.model_output(x, i, cond)`` reads ``adapter.timesteps[i]``; with ``adapter.timesteps``
-    set to the [1, B] row of this batch's timesteps, index 0 hands every sample its own timestep
-    (each family's denoiser takes a [B] timestep). The sampling timesteps are restored afterwards.
-    """
-    saved = adapter.timesteps
-    adapter.timesteps = timesteps.to(adapter.device).reshape(1, -1)  # [1, B]
-    try:
-        out = adapter.model_output(latents, 0, cond)  # [B, C, h, w]
-    finally:
-        adapter.timesteps = saved
-    if out.shape != latents.shape:
-        raise RuntimeError(
-            f"{adapter.family} denoiser output {tuple(out.shape)} != latents {tuple(latents.shape)}"
-        )
-    return out
-
-
 def noise_and_target(
     adapter: T2IAdapter, x0: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +220,7 @@ def denoising_loss(
     # guidance-distilled and takes the guidance value as an embedding input.
     guidance = {"sd": 1.0, "sdxl": 1.0, "zimage": 0.0, "flux": flux_guidance}[adapter.family]
     cond = adapter.encode_prompts(prompts, None, guidance_scale=guidance)
-    pred = model_output_at(adapter, noisy, t, cond)  # [B, C, h, w]
+    pred = adapter.model_output_at(noisy, t, cond)  # [B, C, h, w]
     return F.mse_loss(pred.float(), target.float())
 
 

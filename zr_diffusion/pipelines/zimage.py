@@ -52,9 +52,11 @@ class ZImageAdapter(FlowMatchAdapter):
         )
         return ZImageConditioning(list(prompts), guidance_scale, embeds, negative if do_cfg else None)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: ZImageConditioning) -> torch.Tensor:
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: ZImageConditioning
+    ) -> torch.Tensor:
         b = latents.shape[0]
-        t = (1000 - self.timesteps[t_index].expand(b)) / 1000  # [B] the transformer counts time upwards
+        t = (1000 - timesteps) / 1000  # [B] the transformer counts time upwards
         x = latents.to(self.dtype).unsqueeze(2)  # [B, C, 1, h, w]: one frame per image
         if cond.do_cfg:
             x, t, caps = x.repeat(2, 1, 1, 1, 1), t.repeat(2), cond.prompt_embeds + cond.negative_embeds
