@@ -242,3 +242,42 @@ def test_model_output_at_takes_one_timestep_per_sample(tiny_dirs, family):
         assert (batched[0] - adapter.model_output(x, steps[1], cond)[0]).abs().max() > 1e-3  # t matters
     with pytest.raises(ValueError, match=r"timesteps must be \[B\] = \[2\]"):
         adapter.model_output_at(x, adapter.timesteps[:1], cond)
+
+
+def _overflowing_vae_sdxl(path, force_upcast: bool):
+    """A tiny SDXL whose VAE's first convolutions reach activations above float16's 65504 (as the
+    real SDXL VAE does in float16), finite in float32."""
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("sdxl")
+    with torch.no_grad():
+        for conv in (pipe.vae.decoder.conv_in, pipe.vae.encoder.conv_in):
+            conv.weight.mul_(1e5)  # |w| <= 2e4: representable in float16
+            conv.bias.mul_(1e5)
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_vae_force_upcast_decodes_and_encodes_in_float32(tmp_path):
+    """As StableDiffusionXLPipeline does: a float16 VAE with force_upcast runs in float32, also
+    under float16 autocast; one without force_upcast stays in float16 (and overflows here)."""
+    from zr_diffusion.pipelines.sft import encode_images
+
+    gen = torch.Generator().manual_seed(0)
+    z, images = torch.randn(2, 4, 16, 16, generator=gen), torch.rand(2, 3, SIZE, SIZE, generator=gen)
+    path = _overflowing_vae_sdxl(tmp_path / "upcast", force_upcast=True)
+    reference = load_adapter(path)  # float32
+    with torch.no_grad():
+        expected = reference.decode(z)
+        assert expected.isfinite().all() and expected.std() > 0.01
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.testing.assert_close(reference.decode(z), expected, atol=1e-5, rtol=0)
+            assert encode_images(reference, images, torch.Generator().manual_seed(1)).isfinite().all()
+        half = load_adapter(path, dtype=torch.float16)
+        assert half.dtype == torch.float16  # the denoiser keeps the requested dtype
+        torch.testing.assert_close(half.decode(z), expected, atol=2e-2, rtol=0)  # fp16-rounded weights
+        assert encode_images(half, images, torch.Generator().manual_seed(1)).isfinite().all()
+
+        kept = load_adapter(_overflowing_vae_sdxl(tmp_path / "kept", force_upcast=False), dtype=torch.float16)
+        assert not kept.decode(z).isfinite().all()

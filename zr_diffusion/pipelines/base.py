@@ -9,6 +9,7 @@ needs, each a plain differentiable function of tensors:
     step    = adapter.denoise(x, i, cond)                             # one step i in 0..T-1, guidance included
     x, x0   = step.prev_latents, step.pred_x0                         # x0: predicted clean latents (ReFL)
     images  = adapter.decode(x)                                       # [B, 3, H, W] in [0, 1]
+    z       = adapter.encode(images, generator)                       # VAE posterior sample (training data)
     v       = adapter.model_output_at(x, t, cond)                     # one timestep per sample, t [B] (training)
 
 Latents are always unpacked ``[B, C, h, w]`` (Flux packs them into tokens inside its denoiser call).
@@ -16,11 +17,15 @@ The scheduler math is written out (DDIM for SD/SDXL, flow-matching Euler for Flu
 calling the stateful ``scheduler.step``, so that any step can be taken in any order, with or without
 a graph; the tests check it against the pipeline's own ``__call__``.
 
+A VAE whose config sets ``force_upcast`` (SDXL's, SD's) decodes and encodes in float32, never under
+float16 autocast, as StableDiffusionXLPipeline does.
+
 LoRA goes on ``adapter.denoiser`` only; the base weights and all other components are frozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -84,6 +89,10 @@ class T2IAdapter(ABC):
                 module.requires_grad_(False)
                 module.eval()
         self.timesteps: torch.Tensor | None = None  # [T], set by set_timesteps
+        # StableDiffusionXLPipeline decodes a float16 VAE in float32 when its config says force_upcast
+        # (its float16 activations overflow into NaNs); the adapter keeps such a VAE in float32.
+        if self._vae_force_upcast and pipe.vae.dtype == torch.float16:
+            pipe.vae.to(torch.float32)
 
     @classmethod
     def from_pretrained(
@@ -194,9 +203,33 @@ class T2IAdapter(ABC):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable VAE decode. [B, C, h, w] latents -> [B, 3, H, W] images in [0, 1]."""
-        z = self.unscale_latents(latents).to(self.vae.dtype)
-        image = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in about [-1, 1]
+        with self._vae_precision():
+            z = self.unscale_latents(latents).to(self.vae.dtype)
+            image = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in about [-1, 1]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE encode: [B, 3, H, W] in [0, 1] -> [B, C, h, w] a posterior sample in the VAE's (unscaled)
+        latent space, float32."""
+        with self._vae_precision():
+            pixels = (images * 2 - 1).to(self.device, self.vae.dtype)
+            z = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return z.float()
+
+    @property
+    def _vae_force_upcast(self) -> bool:
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    def _vae_precision(self) -> contextlib.AbstractContextManager:
+        """A force_upcast VAE never computes in float16: float16 autocast is switched off around it."""
+        kind = self.device.type
+        if (
+            self._vae_force_upcast
+            and torch.is_autocast_enabled(kind)
+            and torch.get_autocast_dtype(kind) == torch.float16
+        ):
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
 
     def _check_t_index(self, t_index: int) -> None:
         if self.timesteps is None:

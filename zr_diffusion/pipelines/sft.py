@@ -169,9 +169,7 @@ def scale_latents(adapter: T2IAdapter, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(adapter: T2IAdapter, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> [B, C, h, w] denoiser latents (a sample of the VAE posterior)."""
-    pixels = (images * 2 - 1).to(adapter.device, adapter.vae.dtype)
-    z = adapter.vae.encode(pixels).latent_dist.sample(generator=generator)
-    return scale_latents(adapter, z.float())
+    return scale_latents(adapter, adapter.encode(images, generator))
 
 
 def noise_and_target(
