@@ -234,6 +234,40 @@ def test_saved_lora_loads_into_a_fresh_pipeline_and_changes_its_output(tiny, sd_
     assert (image() - before).abs().max() > 1e-6
 
 
+def test_reward_runs_in_its_own_dtype_under_the_generators_autocast(tiny):
+    """sd15_zreward.yaml: a bfloat16 reward model while the generator step runs under float16
+    autocast. Every Linear of the reward computes in bfloat16, and the reward equals the reward of the
+    same images scored outside any autocast."""
+    from zr_diffusion.pipelines.sampler import SamplerConfig
+    from zr_diffusion.reward.model import ZRewardModel
+
+    adapter = reward_finetune.load_t2i_adapter(str(tiny["sd"]), None, "float32", "cpu")
+    reward = ZRewardModel.from_pretrained(tiny["reward"], dimensions=["realism"], dtype=torch.bfloat16)
+    dtypes, scored = set(), []
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+        for m in reward.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+
+    def recording_reward(images, prompts):
+        scored.append(images.detach().clone())
+        return reward(images, prompts)
+
+    sampler = SamplerConfig(num_steps=2, guidance_scale=5.0, height=32, width=32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        terms = reward_finetune.reward_loss(
+            adapter, recording_reward, PROMPTS[:2], sampler, torch.Generator().manual_seed(0)
+        )
+    for h in hooks:
+        h.remove()
+    assert dtypes == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            terms.reward.detach(), reward(scored[0], PROMPTS[:2]).reward, rtol=0, atol=0
+        )
+
+
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny, zimage_run):
     train = _metrics(zimage_run)["train"]
     assert len(train) == 2 and all(math.isfinite(e["loss"]) for e in train)

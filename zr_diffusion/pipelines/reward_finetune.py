@@ -277,7 +277,9 @@ def reward_loss(
     """Sample B images with gradients, score them, and form the loss of one micro-batch."""
     negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     out = sample(adapter, prompts, sampler, generator=generator, negative_prompts=negative)
-    scored = reward_model(out.images, out.prompts)  # mu [B', D], reward [B']
+    # The frozen reward runs in its own dtype, outside the generator's autocast (run.mixed_precision).
+    with torch.autocast(out.images.device.type, enabled=False):
+        scored = reward_model(out.images, out.prompts)  # mu [B', D], reward [B']
     loss = -scored.reward.mean()
     reg = loss.new_zeros(())
     if reg_weight > 0:
