@@ -270,7 +270,9 @@ class EvalT2IConfig:
     width: int = 512
     negative_prompt: str | None = None
     batch_size: int = 4  # images per generation / judging batch
-    review_seed: int = 0  # left/right order on the review page
+    review_seed: int | None = (
+        None  # left/right order on the review page; None = drawn at random, in the key file
+    )
     enable_xformers: bool = False
 
     def __post_init__(self) -> None:
