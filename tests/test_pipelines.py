@@ -281,3 +281,48 @@ def test_vae_force_upcast_decodes_and_encodes_in_float32(tmp_path):
 
         kept = load_adapter(_overflowing_vae_sdxl(tmp_path / "kept", force_upcast=False), dtype=torch.float16)
         assert not kept.decode(z).isfinite().all()
+
+
+def _tiny_flux_schnell(path):
+    """A tiny Flux.1-schnell: the transformer has no guidance embedding (timestep-distilled, no CFG)."""
+    from diffusers import FluxTransformer2DModel
+
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("flux")
+    torch.manual_seed(0)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    pipe.register_modules(transformer=FluxTransformer2DModel(**{**config, "guidance_embeds": False}))
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_guidance_defaults_per_family(tiny_dirs, tmp_path):
+    """No guidance_scale given: what each family's own pipeline does without one (SD 7.5, SDXL 5.0,
+    Flux.1-dev 3.5; Flux.1-schnell has no guidance embedding and no CFG: 0), and for Z-Image a clear
+    error, since Z-Image-Turbo samples with 0 and the base model with CFG."""
+    unset = SamplerConfig(num_steps=STEPS, height=SIZE, width=SIZE)
+    assert unset.guidance_scale is None
+    adapters = {f: load_adapter(tiny_dirs[f]) for f in ("sd", "sdxl", "flux")}
+    adapters["schnell"] = load_adapter(_tiny_flux_schnell(tmp_path / "schnell"))
+    for name, default in {"sd": 7.5, "sdxl": 5.0, "flux": 3.5, "schnell": 0.0}.items():
+        adapter = adapters[name]
+        assert adapter.encode_prompts(PROMPTS).guidance_scale == default
+        with torch.no_grad():  # the pipeline's __call__ with its own default guidance
+            expected = adapter.pipe(
+                PROMPTS,
+                num_inference_steps=STEPS,
+                height=SIZE,
+                width=SIZE,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+                **_seq_len_kwargs(adapter),
+            ).images
+        got = sample(adapter, PROMPTS, unset, seed=0, grad=False).images
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no guidance embedding; guidance_scale must be 0, got 3.5"):
+        adapters["schnell"].encode_prompts(PROMPTS, guidance_scale=3.5)
+
+    zimage = load_adapter(tiny_dirs["zimage"])
+    with pytest.raises(ValueError, match="Z-Image-Turbo .* 0.*base Z-Image .*CFG"):
+        sample(zimage, PROMPTS, unset, seed=0, grad=False)

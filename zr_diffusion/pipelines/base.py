@@ -3,7 +3,7 @@
 An adapter wraps one loaded diffusers pipeline and exposes the pieces a reward-gradient sampler
 needs, each a plain differentiable function of tensors:
 
-    cond    = adapter.encode_prompts(prompts, guidance_scale=...)     # frozen text encoders, no grad
+    cond    = adapter.encode_prompts(prompts, guidance_scale=...)     # frozen text encoders, no grad (None: default)
     x       = adapter.initial_latents(B, H, W, generator)             # [B, C, h, w]
     adapter.set_timesteps(T, H, W)
     step    = adapter.denoise(x, i, cond)                             # one step i in 0..T-1, guidance included
@@ -128,9 +128,20 @@ class T2IAdapter(ABC):
 
     @abstractmethod
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 5.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> Conditioning:
-        """Encode with the frozen text encoder(s); guidance follows the family pipeline's convention."""
+        """Encode with the frozen text encoder(s); guidance follows the family pipeline's convention.
+
+        guidance_scale None: ``default_guidance_scale()``.
+        """
+
+    @abstractmethod
+    def default_guidance_scale(self) -> float:
+        """The guidance scale the family's pipeline samples with when given none; a ValueError that
+        says what to choose where the family has no single sensible value."""
 
     @abstractmethod
     def set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
@@ -230,6 +241,9 @@ class T2IAdapter(ABC):
         ):
             return torch.autocast(kind, enabled=False)
         return contextlib.nullcontext()
+
+    def _guidance(self, guidance_scale: float | None) -> float:
+        return self.default_guidance_scale() if guidance_scale is None else float(guidance_scale)
 
     def _check_t_index(self, t_index: int) -> None:
         if self.timesteps is None:

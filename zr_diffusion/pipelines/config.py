@@ -222,7 +222,7 @@ class SFTT2IConfig:
     height: int = 512  # images are resized to height x width before VAE encoding
     width: int = 512
     batch_size: int = 4  # records per optimizer step over all processes
-    flux_guidance: float = 3.5  # Flux.1-dev guidance-embedding value during training (Flux only)
+    flux_guidance: float | None = None  # Flux.1 guidance input in training; None: 3.5 (dev), 0 (schnell)
     lora: T2ILoraConfig = field(default_factory=T2ILoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -265,7 +265,7 @@ class EvalT2IConfig:
     tie_margin: float = 0.0  # |R_A − R_B| <= tie_margin is "Same"
     output_dir: str = "runs/eval-t2i"
     num_steps: int = 28
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the family's default (adapter.default_guidance_scale)
     height: int = 512
     width: int = 512
     negative_prompt: str | None = None

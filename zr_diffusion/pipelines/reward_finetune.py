@@ -241,7 +241,7 @@ def lora_drift(
     latents: torch.Tensor,
     prompts: list[str],
     negative_prompts: list[str] | None,
-    guidance_scale: float,
+    guidance_scale: float | None,
     steps: Sequence[int],
     generator: torch.Generator,
 ) -> torch.Tensor:

@@ -113,16 +113,23 @@ class DDIMAdapter(T2IAdapter):
 
 
 class SDAdapter(DDIMAdapter):
-    """StableDiffusionPipeline (SD 1.x / 2.x). Guidance: CFG when guidance_scale > 1."""
+    """StableDiffusionPipeline (SD 1.x / 2.x). Guidance: CFG when guidance_scale > 1, default 7.5."""
 
     family = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
 
+    def default_guidance_scale(self) -> float:
+        return 7.5  # StableDiffusionPipeline.__call__'s default
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 7.5
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> SDConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
         embeds, negative = self.pipe.encode_prompt(
             list(prompts), self.device, 1, do_cfg, negative_prompt=negative_prompts

@@ -16,7 +16,7 @@ class SDXLConditioning(SDConditioning):
 
 
 class SDXLAdapter(DDIMAdapter):
-    """StableDiffusionXLPipeline. Guidance: CFG when guidance_scale > 1.
+    """StableDiffusionXLPipeline. Guidance: CFG when guidance_scale > 1, default 5.0.
 
     The added time ids are (original size, crop top-left, target size) = ((H, W), (0, 0), (H, W)),
     the pipeline's defaults, read from the latents' size at each call.
@@ -25,11 +25,18 @@ class SDXLAdapter(DDIMAdapter):
     family = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
 
+    def default_guidance_scale(self) -> float:
+        return 5.0  # StableDiffusionXLPipeline.__call__'s default
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 5.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> SDXLConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             list(prompts),

@@ -209,13 +209,13 @@ def denoising_loss(
     images: torch.Tensor,
     prompts: list[str],
     generator: torch.Generator,
-    flux_guidance: float = 3.5,
+    flux_guidance: float | None = None,
 ) -> torch.Tensor:
     """MSE between the denoiser output and the family's target on ``images [B, 3, H, W]``; a scalar."""
     x0 = encode_images(adapter, images, generator)  # [B, C, h, w]
     noisy, t, target = noise_and_target(adapter, x0, generator)
     # Guidance off for training: no CFG for SD/SDXL (1.0) and Z-Image (0.0); Flux.1-dev is
-    # guidance-distilled and takes the guidance value as an embedding input.
+    # guidance-distilled and takes the guidance value as an embedding input (None: its default).
     guidance = {"sd": 1.0, "sdxl": 1.0, "zimage": 0.0, "flux": flux_guidance}[adapter.family]
     cond = adapter.encode_prompts(prompts, None, guidance_scale=guidance)
     pred = adapter.model_output_at(noisy, t, cond)  # [B, C, h, w]

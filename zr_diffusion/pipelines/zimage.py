@@ -1,7 +1,8 @@
 """Z-Image adapter: single-stream DiT fed per-image lists, Qwen3 text features, flow matching.
 
 Guidance follows ZImagePipeline: on when guidance_scale > 0, ``pred = pos + g * (pos - neg)``
-(Z-Image-Turbo samples with g = 0). CFG renormalisation and truncation are not implemented.
+(Z-Image-Turbo samples with g = 0). CFG renormalisation and truncation are not implemented. There is
+no default: the distilled Turbo wants 0 and the base model CFG, and their pipelines look alike.
 """
 
 from __future__ import annotations
@@ -37,11 +38,22 @@ class ZImageAdapter(FlowMatchAdapter):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length or min(512, pipe.tokenizer.model_max_length)
 
+    def default_guidance_scale(self) -> float:
+        raise ValueError(
+            "Z-Image needs an explicit guidance_scale (sampler.guidance_scale for zr finetune-t2i, "
+            "guidance_scale for zr eval-t2i): Z-Image-Turbo is distilled and samples with 0 (no CFG); the "
+            "base Z-Image uses CFG, pred = pos + g * (pos - neg), e.g. 4.0 (ZImagePipeline's default is 5.0)"
+        )
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 0.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> ZImageConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 0
         embeds, negative = self.pipe.encode_prompt(
             list(prompts),  # copied: the pipeline rewrites the list in place with the chat template
