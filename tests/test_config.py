@@ -21,6 +21,7 @@ class Demo:
     optim: Optim = field(default_factory=Optim)
     dims: tuple[str, ...] = ("alignment",)
     weights: dict[str, float] = field(default_factory=dict)
+    named: dict[str, Optim] = field(default_factory=dict)  # like validation.judges
     out: str | None = None
 
 
@@ -34,6 +35,17 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.dims == ("realism", "aesthetics") and cfg.method == "b" and cfg.weights == {"realism": 2.0}
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(Demo, tmp_path / "saved.yaml") == cfg
+
+
+def test_overrides_reach_into_named_sections():
+    cfg = load_config(Demo, None, ["named.fast.lr=0.5", "named.fast.steps=2", "named.slow.steps=7"])
+    assert cfg.named == {"fast": Optim(lr=0.5, steps=2), "slow": Optim(steps=7)}
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'named.fast.bogus' for Optim; valid keys: \['lr', 'steps'\]"
+    ):
+        load_config(Demo, None, ["named.fast.bogus=1"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(Demo, None, ["weights.realism.x=1"])
 
 
 def test_int_is_accepted_for_float():

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from zr_diffusion.config import ConfigError, to_dict
-from zr_diffusion.synthetic.demo import STAGES, Cache, DemoConfig, demo, load_demo_config
+from zr_diffusion.synthetic.demo import STAGES, DemoConfig, demo, load_demo_config
 from zr_diffusion.synthetic.demo_reward import RUNS
 from zr_diffusion.synthetic.report import VARIANT_LABELS
+from zr_diffusion.synthetic.stages import Cache
 
 # ------------------------------------------------------------------------------------------ config
 

@@ -2,7 +2,9 @@
 
 Each process takes its shard of the global batch and its own noise, so without the gradient
 average the two LoRAs would drift apart; after two steps both ranks must hold the same weights, and
-they must be the weights of the saved LoRA.
+they must be the weights of the saved LoRA. Validation runs on rank 0 only and selects by the reward
+with patience 1, so rank 0 alone decides whether to stop after step 1: both ranks must stop together
+(else the next step's all-reduce would hang) and hold the same weights either way.
 
 The logged metrics are the mean over processes of each process's micro-batch values: the first
 step's loss, reward and μ (taken before any update, with the LoRA still zero) are recomputed here,
@@ -33,7 +35,6 @@ from zr_diffusion.pipelines.prompts import load_prompts
 from zr_diffusion.pipelines.reward_finetune import load_t2i_adapter, reward_loss
 from zr_diffusion.pipelines.sft import denoising_loss, load_sft_examples
 from zr_diffusion.pipelines.tiny import make_tiny_t2i
-from zr_diffusion.reward.model import ZRewardModel
 from zr_diffusion.training import batch_indices, shard, step_generator
 from zr_diffusion.vlm.tiny import make_tiny_vlm
 
@@ -49,7 +50,7 @@ def pipeline(tmp_path_factory) -> Path:
 def _first_step_reward_logs(cfg: FinetuneT2IConfig) -> dict[str, float]:
     """Step 1's logs recomputed rank by rank (LoRA still zero: the base pipeline), averaged."""
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, "cpu")
-    reward = ZRewardModel.from_pretrained(cfg.reward.model, dimensions=cfg.reward.dimensions)
+    reward = cfg.reward.build("cpu")
     prompts = load_prompts(cfg.prompts)
     batch = [prompts[i] for i in batch_indices(len(prompts), cfg.batch_size, cfg.run.seed, 0)]
     per_rank = []
@@ -74,11 +75,19 @@ def test_two_processes_hold_the_same_lora_and_log_the_mean(tmp_path, pipeline):
         f"reward.model={reward}",
         f"prompts={prompts}",
         f"run.output_dir={out}",
-        *("batch_size=4", "run.max_steps=2", "sampler.num_steps=2", "validation.enabled=false"),
+        *("batch_size=4", "run.max_steps=2", "sampler.num_steps=2", "validation.every=1"),
+        *("validation.seeds=[0, 1]", "validation.select_by=reward", "validation.patience=1"),
         *("run.tensorboard=false", "run.progress=false", "run.device=cpu", "debug_rank_dumps=true"),
     ]
     run = launch_two_processes("finetune-t2i", "--config", str(config), *overrides, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    val = metrics["validation"]
+    stopped = val[1]["reward"] <= val[0]["reward"]  # patience 1: no improvement at step 1 stops the run
+    assert [e["step"] for e in metrics["train"]] == ([1] if stopped else [1, 2])
+    assert (metrics["stopped_early"] or {}).get("step") == (1 if stopped else None)
+    assert metrics["selection"]["step"] == max(val, key=lambda e: e["reward"])["step"]
+    assert (out / "best" / LORA_WEIGHT_NAME).is_file()
 
     rank0, rank1 = (load_file(out / f"rank{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0
@@ -90,7 +99,7 @@ def test_two_processes_hold_the_same_lora_and_log_the_mean(tmp_path, pipeline):
     for k, v in rank0.items():
         torch.testing.assert_close(saved[f"transformer.{k.replace('.default', '')}"], v)
 
-    logged = json.loads((out / "metrics.json").read_text())["train"][0]
+    logged = metrics["train"][0]
     expected = _first_step_reward_logs(load_config(FinetuneT2IConfig, config, overrides))
     assert {k: logged[k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert logged["reg"] == 0.0

@@ -83,10 +83,13 @@ def _finetune_args(tiny, family: str, out: Path, steps: int, *extra: str) -> lis
 
 @pytest.fixture(scope="module")
 def sd_run(tiny):
-    """Two reward-gradient steps on SD with the regulariser, validation and a second judge.
+    """Two reward-gradient steps on SD with the regulariser and validation with three judges: the
+    student on a dimension it does not optimise (from the tiny config), open_clip and torchmetrics CLIPScore.
 
     ``add_lora`` is wrapped to keep the adapter and every denoiser weight right after the LoRA is added.
     """
+    from zr_diffusion.pipelines.judges import CLIPScoreJudge, OpenCLIPJudge
+
     seen = {}
     add_lora = reward_finetune.add_lora
 
@@ -97,7 +100,13 @@ def sd_run(tiny):
         return params
 
     out = tiny["root"] / "run-sd"
-    args = _finetune_args(tiny, "sd", out, 2, f"validation.judge.path={tiny['reward']}", "reg_weight=1.0")
+    judges = {
+        "student_aesthetics": {"path": str(tiny["reward"])},
+        "openclip": {"kind": "openclip", "path": str(OpenCLIPJudge.make_tiny(tiny["root"] / "openclip"))},
+        "clipscore": {"kind": "clipscore", "path": str(CLIPScoreJudge.make_tiny(tiny["root"] / "clipscore"))},
+    }
+    args = _finetune_args(tiny, "sd", out, 2, "reg_weight=1.0", "validation.seeds=[0, 1]")
+    args += [f"validation.judges.{n}.{k}={v}" for n, judge in judges.items() for k, v in judge.items()]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reward_finetune, "add_lora", spy)
         rc = main([*args, "run.tensorboard=true", "run.save_every=1"])
@@ -208,13 +217,44 @@ def test_regulariser_is_zero_at_the_first_step_and_positive_later(sd_run):
     assert reg[1] > 0
 
 
-def test_validation_grid_reward_per_dimension_and_judge(sd_run):
+def test_validation_grid_reward_per_dimension_and_judges_with_standard_errors(sd_run):
     out = sd_run["out"]
-    (val,) = _metrics(out)["validation"]  # eval_every = 2 in the tiny config: once, at the end
-    assert val["step"] == 2 and Path(val["grid"]) == out / "validation" / "step-0000002.png"
+    metrics = _metrics(out)
+    base, val = metrics["validation"]  # validation.every = 2 in the tiny config: the base, then the end
+    assert base["step"] == 0 and val["step"] == 2 and val["n_items"] == 2 * 2  # 2 prompts x 2 seeds
+    assert Path(val["grid"]) == out / "validation" / "step-0000002.png"
     assert Path(val["grid"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"mu/alignment", "mu/realism", "judge/reward", "judge/aesthetics"} <= set(val)
-    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    keys = {
+        "reward",
+        "mu/alignment",
+        "mu/realism",
+        "judge/student_aesthetics",
+        "judge/openclip",
+        "judge/clipscore",
+    }
+    assert keys <= set(val) and {f"{k}_se" for k in keys} <= set(val)
+    assert all(val[f"{k}_se"] > 0 for k in keys)
+    assert val["reward"] == pytest.approx((2 * val["mu/alignment"] + val["mu/realism"]) / 3)  # weights [2, 1]
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [
+        ("validation", 0),
+        ("train", 1),
+        ("train", 2),
+        ("validation", 2),
+    ]
+    assert lines[-1]["judge/openclip"] == val["judge/openclip"]
+    # the tiny config selects by the student judge with patience 2: step 0 or 2 is kept in best/
+    selection = metrics["selection"]
+    best = max((base, val), key=lambda e: e["judge/student_aesthetics"])
+    assert selection["step"] == best["step"] and selection["select_by"] == "student_aesthetics"
+    assert (out / "best" / LORA_WEIGHT_NAME).is_file() and metrics["stopped_early"] is None
+    tags = set()
+    for f in (out / "logs").rglob("events.out.tfevents.*"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags |= set(EventAccumulator(str(f)).Reload().Tags()["scalars"])
+    assert {"val/reward", "val/reward_se", "val/judge/openclip", "train/reward"} <= tags
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
 
 

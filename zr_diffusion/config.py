@@ -125,11 +125,14 @@ def _set_path(tree: dict, dotted: str, value: Any, cls: type, where: str) -> Non
         if i == len(keys) - 1:
             node[key] = value
             return
-        sub_cls = hints.get(key, dict)
+        if dataclasses.is_dataclass(node_cls):
+            sub_cls = hints.get(key, dict)
+        else:  # an entry of a dict[str, V] section (e.g. named judges) is a V
+            sub_cls = (get_args(node_cls) or (str, dict))[1]
         if not dataclasses.is_dataclass(sub_cls) and get_origin(sub_cls) not in (dict, Mapping):
             raise ConfigError(f"{where}: {'.'.join(keys[: i + 1])!r} is not a section, cannot set {dotted!r}")
         node = node.setdefault(key, {})
-        node_cls = sub_cls if dataclasses.is_dataclass(sub_cls) else dict
+        node_cls = sub_cls
 
 
 def parse_overrides(overrides: Sequence[str], cls: type) -> dict[str, Any]:

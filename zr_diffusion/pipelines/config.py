@@ -49,9 +49,18 @@ class T2ILoraConfig(LoraConfig):
 
 @dataclass
 class RewardConfig:
-    """The frozen Z-Reward model whose aggregate ``R = Σ_d w_d μ_d`` is maximised (METHOD.md §6)."""
+    """The frozen Z-Reward model(s) whose aggregate ``R = Σ_d w_d μ_d`` is maximised (METHOD.md §6).
+
+    One model (``model``) or an ensemble (``models``): every member scores ``dimensions`` with
+    ``weights`` through its own processor, and the member rewards are combined per image by
+    ``aggregate`` (``mean``, ``min``, or ``mean_minus_std`` = mean − ``std_weight`` · std over members;
+    see ``reward.ensemble.aggregate_rewards``).
+    """
 
     model: str = ""  # RISD student folder or hub id
+    models: tuple[str, ...] = ()  # an ensemble instead of ``model``: one folder or hub id per member
+    aggregate: Literal["mean", "min", "mean_minus_std"] = "mean"  # ensembles only
+    std_weight: float | None = None  # mean_minus_std only; None = 1.0
     dimensions: tuple[str, ...] = DEFAULT_DIMENSIONS  # rubric dimensions d that enter R
     weights: tuple[float, ...] | None = None  # the aggregation A: one weight per dimension; None = equal
     dtype: Dtype = "float32"
@@ -66,13 +75,63 @@ class RewardConfig:
             )
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError(f"reward.weights must be >= 0 and not all 0, got {list(self.weights)}")
+        if self.model and self.models:
+            raise ValueError(
+                "reward.model and reward.models are both set; give reward.model (one model) or "
+                "reward.models (an ensemble), not both"
+            )
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"reward.models lists a model twice: {list(self.models)}")
+        if not self.models and (self.aggregate != "mean" or self.std_weight is not None):
+            raise ValueError(
+                "reward.aggregate / reward.std_weight combine the members of reward.models; "
+                "with a single reward.model leave them unset"
+            )
+        if self.std_weight is not None and self.aggregate != "mean_minus_std":
+            raise ValueError(
+                f"reward.std_weight applies to reward.aggregate=mean_minus_std only, "
+                f"reward.aggregate is {self.aggregate!r}"
+            )
+        if self.std_weight is not None and self.std_weight < 0:
+            raise ValueError(f"reward.std_weight must be >= 0, got {self.std_weight}")
+        if self.aggregate == "mean_minus_std" and len(self.models) < 2:
+            raise ValueError(
+                f"reward.aggregate=mean_minus_std needs at least 2 reward.models, got {len(self.models)}"
+            )
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The reward model folders / hub ids: ``(model,)`` or ``models``."""
+        return self.models or ((self.model,) if self.model else ())
+
+    def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The frozen reward: a ``ZRewardModel`` for ``model``, a ``ZRewardEnsemble`` for ``models``."""
+        kwargs = dict(
+            dimensions=self.dimensions,
+            weights=self.weights,
+            dtype=getattr(torch, self.dtype),
+            device=device,
+            trust_remote_code=self.trust_remote_code,
+        )
+        if not self.models:
+            from zr_diffusion.reward.model import ZRewardModel
+
+            return ZRewardModel.from_pretrained(self.model, **kwargs)
+        from zr_diffusion.reward.ensemble import ZRewardEnsemble
+
+        std_weight = 1.0 if self.std_weight is None else self.std_weight
+        return ZRewardEnsemble.from_pretrained(
+            self.models, aggregate=self.aggregate, std_weight=std_weight, **kwargs
+        )
 
 
 @dataclass
 class JudgeConfig:
     """A judge that scores images: a Z-Reward model, an open_clip CLIP score, or torchmetrics CLIPScore.
 
-    An empty ``path`` means no judge where a judge is optional (validation).
+    ``eval-t2i`` takes one (``judge``), ``finetune-t2i`` any number by name (``validation.judges``); a
+    Z-Reward judge may be a second student or a teacher, read in student mode (score right after the
+    prompt).
     """
 
     kind: JudgeKind = "zreward"
@@ -119,21 +178,57 @@ class JudgeConfig:
 
 @dataclass
 class ValidationConfig:
-    """Validation: images from fixed seeds every ``run.eval_every`` steps and at the end.
+    """Held-out validation: fixed prompts x fixed noise seeds, before training, every ``every`` steps
+    and at the end (``pipelines.validation``).
 
-    Writes ``output_dir/validation/step-NNNNNNN.png`` (a grid) and logs the mean reward per dimension
-    and, with ``judge``, the reward of a second judge that the training does not optimise.
+    Each validation scores its images with the optimised reward (per dimension) and every judge in
+    ``judges`` (models the run does not optimise), each value with its standard error over the items.
+    ``select_by`` (``reward`` or a judge name) keeps the LoRA of the best validation in
+    ``output_dir/best``; ``patience`` stops after that many validations without improvement.
     """
 
     enabled: bool = True
+    every: int = 0  # validate every this many optimizer steps; 0 = only before training and at the end
     prompts: str | None = None  # prompt file; None = the first num_prompts training prompts
     num_prompts: int = 4
-    seed: int = 1234  # the same noise at every validation
-    judge: JudgeConfig = field(default_factory=JudgeConfig)  # non-optimised judge; path "" = none
+    seeds: tuple[int, ...] = (1234,)  # noise seeds: items = prompts x seeds, the same at every validation
+    batch_size: int = 4  # images per sampling / scoring batch
+    judges: dict[str, JudgeConfig] = field(default_factory=dict)  # name -> judge, never optimised
+    select_by: str | None = None  # "reward" or a judge name: keep the best step's LoRA in best/
+    patience: int | None = None  # stop after this many validations without improvement; None = never
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1:
-            raise ValueError(f"validation.num_prompts must be >= 1, got {self.num_prompts}")
+        for name in ("num_prompts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"validation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.every < 0:
+            raise ValueError(f"validation.every must be >= 0 (0 = only before and after), got {self.every}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"validation.seeds must be distinct and at least one, got {list(self.seeds)}")
+        if self.num_prompts * len(self.seeds) < 2:
+            raise ValueError(
+                "validation needs at least 2 items (num_prompts x seeds) for a standard error; "
+                f"got num_prompts={self.num_prompts}, seeds={list(self.seeds)}"
+            )
+        for name, judge in self.judges.items():
+            if not name or "/" in name or name == "reward":
+                raise ValueError(
+                    f"validation.judges: {name!r} is not a valid judge name (non-empty, no '/', not 'reward')"
+                )
+            if not judge.path:
+                raise ValueError(f"validation.judges.{name}.path: give the judge's folder or hub id")
+        valid = ["reward", *self.judges]
+        if self.select_by is not None and self.select_by not in valid:
+            raise ValueError(f"validation.select_by is {self.select_by!r}; valid: {valid}")
+        if self.patience is not None:
+            if self.patience < 1:
+                raise ValueError(f"validation.patience must be >= 1 or null, got {self.patience}")
+            if self.select_by is None:
+                raise ValueError(
+                    f"validation.patience needs validation.select_by (what must improve); valid: {valid}"
+                )
+        if not self.enabled and (self.select_by is not None or self.judges):
+            raise ValueError("validation.select_by / validation.judges need validation.enabled=true")
 
 
 def _check_pipeline(pipeline: str) -> None:
@@ -185,7 +280,9 @@ class FinetuneT2IConfig:
     prompts: str = ""  # training prompts: .txt or .jsonl
     batch_size: int = 4
     negative_prompt: str | None = None  # CFG families only (not Flux.1)
-    reg_weight: float = 0.0  # weight of ‖ε_LoRA − ε_base‖² at the same inputs; 0 = off
+    reg_weight: float = (
+        0.0  # weight of ‖f_LoRA − f_base‖² at the same inputs; 0 = off (README: where to start)
+    )
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -195,8 +292,15 @@ class FinetuneT2IConfig:
 
     def __post_init__(self) -> None:
         _check_pipeline(self.pipeline)
-        if not self.reward.model:
-            raise ValueError("reward.model: give the Z-Reward (RISD student) folder or hub id")
+        if not self.reward.sources:
+            raise ValueError(
+                "reward.model: give the Z-Reward (RISD student) folder or hub id (or reward.models, an ensemble)"
+            )
+        if self.run.eval_every:
+            raise ValueError(
+                f"run.eval_every={self.run.eval_every}: finetune-t2i validates every validation.every "
+                "steps; set validation.every instead and leave run.eval_every at 0"
+            )
         if not self.prompts:
             raise ValueError("prompts: give the training prompt file (.txt or .jsonl)")
         _check_batch(self.batch_size, self.run)
@@ -270,9 +374,7 @@ class EvalT2IConfig:
     width: int = 512
     negative_prompt: str | None = None
     batch_size: int = 4  # images per generation / judging batch
-    review_seed: int | None = (
-        None  # left/right order on the review page; None = drawn at random, in the key file
-    )
+    review_seed: int | None = None  # review page's left/right order; None: random, kept in the key
     enable_xformers: bool = False
 
     def __post_init__(self) -> None:

@@ -3,20 +3,20 @@
 One optimizer step: the step's ``batch_size`` prompts (drawn with ``(seed, step)``) are split into
 ``run.grad_accum`` micro-batches and each micro-batch over the processes. Every process samples its
 images with the differentiable sampler (noise from ``step_generator(seed, step, rank)``, so a resumed
-run replays the same steps), scores them with the frozen Z-Reward model and backpropagates
+run replays the same steps), scores them with the frozen Z-Reward model (or ensemble) and backpropagates
 
     loss = −mean_b R(p_b, I_b) + reg_weight · mean ‖f_LoRA(x_t, t) − f_base(x_t, t)‖²
 
 through the decoder and the sampler's gradient window into the LoRA. The LoRA gradients are averaged
-over processes, clipped, and the optimizer steps. The helpers at the top (loading the adapter, the
-LoRA checkpoint state, the gradient average) are shared with ``sft.py``.
+over processes, clipped, and the optimizer steps. Held-out validation with judges, the choice of
+the best step and early stopping live in ``validation.py``. The helpers at the top (loading the
+adapter, the LoRA checkpoint state, the gradient average) are shared with ``sft.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from zr_diffusion.config import save_config, to_dict
-from zr_diffusion.io import atomic_save_safetensors, atomic_write_json
+from zr_diffusion.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from zr_diffusion.pipelines.adapters import load_adapter
 from zr_diffusion.pipelines.base import T2IAdapter
 from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.prompts import load_prompts
 from zr_diffusion.pipelines.sampler import SamplerConfig, sample
+from zr_diffusion.pipelines.validation import Validator, validation_prompts
 from zr_diffusion.training import (
     batch_indices,
     build_optimizer,
@@ -184,7 +185,13 @@ class History:
         self.data[kind].append(entry)
 
     def write(self, **extra) -> None:
+        """``metrics.json`` (everything) and ``metrics.jsonl`` (one line per entry, by step, with its kind)."""
         atomic_write_json(self.path, {**self.data, **extra})
+        rows = sorted(
+            ((e["step"], i, {"kind": k, **e}) for i, k in enumerate(self.data) for e in self.data[k]),
+            key=lambda r: r[:2],
+        )
+        atomic_write_text(self.path.with_suffix(".jsonl"), "".join(json.dumps(r[2]) + "\n" for r in rows))
 
 
 # ---- the loss --------------------------------------------------------------------------------------
@@ -292,45 +299,6 @@ def reward_loss(
     return RewardLossTerms(loss=loss, reward=scored.reward, mu=scored.mu, reg=reg)
 
 
-# ---- validation ------------------------------------------------------------------------------------
-
-
-def image_grid(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [3, H', W'], a near-square grid with a 2-pixel white border."""
-    from torchvision.utils import make_grid
-
-    return make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=1.0)
-
-
-@torch.no_grad()
-def validate(
-    adapter: T2IAdapter,
-    reward_model,
-    judge,
-    prompts: list[str],
-    cfg: FinetuneT2IConfig,
-    step: int,
-) -> dict:
-    """Images for the validation prompts from the fixed seed; grid PNG, reward per dimension, judge."""
-    from zr_diffusion.data import save_image
-
-    negative = [cfg.negative_prompt] * len(prompts) if cfg.negative_prompt is not None else None
-    out = sample(
-        adapter, prompts, cfg.sampler, seed=cfg.validation.seed, negative_prompts=negative, grad=False
-    )
-    images = out.images.float()  # [N, 3, H, W]
-    path = Path(cfg.run.output_dir) / "validation" / f"step-{step:07d}.png"
-    save_image(image_grid(images), path)
-    scored = reward_model(images, prompts)
-    entry = {"step": step, "grid": str(path), "reward": float(scored.reward.mean())}
-    entry |= {f"mu/{d}": float(scored.mu[:, i].mean()) for i, d in enumerate(reward_model.dimensions)}
-    if judge is not None:
-        judged = judge(images, prompts)
-        entry["judge/reward"] = float(judged.reward.mean())
-        entry |= {f"judge/{d}": float(judged.mu[:, i].mean()) for i, d in enumerate(judge.dimensions)}
-    return entry
-
-
 def train_step(
     step: int,
     prompts: list[str],
@@ -371,37 +339,30 @@ def train_step(
 
 
 def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
-    """Set up, train ``run.max_steps`` optimizer steps, save the LoRA; returns the final metrics."""
-    from zr_diffusion.reward.model import ZRewardModel
-
+    """Set up, train ``run.max_steps`` optimizer steps (fewer when validation patience runs out),
+    save the LoRA (and the best validation step's in ``best/``); returns the final metrics."""
     # -- set up
     accelerator = make_accelerator(cfg.run)
     out_dir = Path(cfg.run.output_dir)
     prompts = load_prompts(cfg.prompts)
-    val_prompts = None
-    if cfg.validation.enabled:
-        val_prompts = load_prompts(cfg.validation.prompts) if cfg.validation.prompts else prompts
-        val_prompts = val_prompts[: cfg.validation.num_prompts]
+    val_prompts = validation_prompts(cfg.validation, prompts) if cfg.validation.enabled else None
     micro_batch_size(cfg.batch_size, cfg.run.grad_accum, accelerator.num_processes)
     device = accelerator.device
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, device, cfg.enable_xformers)
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)
-    reward_model = ZRewardModel.from_pretrained(
-        cfg.reward.model,
-        dimensions=cfg.reward.dimensions,
-        weights=cfg.reward.weights,
-        dtype=DTYPES[cfg.reward.dtype],
-        device=device,
-        trust_remote_code=cfg.reward.trust_remote_code,
-    )
-    judge = None
-    if cfg.validation.enabled and cfg.validation.judge.path and accelerator.is_main_process:
-        judge = cfg.validation.judge.build(device)
+    reward_model = cfg.reward.build(device)
     optimizer, scheduler, start, history = start_lora_run(accelerator, adapter, params, cfg, "finetune_t2i")
+    validator = None
+    if val_prompts is not None:
+        validator = Validator(cfg, adapter, reward_model, val_prompts, accelerator, history)
+        validator.resume(start)
     accelerator.print(
         f"finetune-t2i: {adapter.family} pipeline {cfg.pipeline}, {sum(p.numel() for p in params):,} LoRA "
-        f"weights, reward {cfg.reward.model} on {list(cfg.reward.dimensions)}, steps {start}..{cfg.run.max_steps}"
+        f"weights, reward {', '.join(cfg.reward.sources)} on {list(cfg.reward.dimensions)}, "
+        f"steps {start}..{cfg.run.max_steps}"
     )
+    if validator is not None and start == 0 and validator.run(0).improved:  # the base model's values
+        validator.keep_best(0)
 
     # -- train
     bar = progress(
@@ -424,30 +385,42 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
             )
 
         last = completed == cfg.run.max_steps
-        if val_prompts and ((cfg.run.eval_every and completed % cfg.run.eval_every == 0) or last):
-            if accelerator.is_main_process:
-                entry = validate(adapter, reward_model, judge, val_prompts, cfg, completed)
-                history.add("validation", entry)
-                accelerator.log(
-                    {f"val/{k}": v for k, v in entry.items() if k not in ("step", "grid")}, step=completed
-                )
-                accelerator.print(
-                    f"step {completed}: validation reward {entry['reward']:.4f}, grid {entry['grid']}"
-                )
-            accelerator.wait_for_everyone()
-        if (cfg.run.save_every and completed % cfg.run.save_every == 0) or last:
+        improved = stop = False
+        if validator is not None and validator.due(completed, last):
+            improved, stop = validator.run(completed, last)
+        # a new best step is checkpointed before best/ is written, so that a resume never loses it
+        if (cfg.run.save_every and completed % cfg.run.save_every == 0) or last or stop or improved:
             save_lora_checkpoint(accelerator, adapter, history, out_dir, completed, cfg.run.keep_checkpoints)
+        if improved:
+            validator.keep_best(completed)
+        if stop:
+            break
 
     # -- save and clean up
     final = history.data["train"][-1] if history.data["train"] else {}
     if cfg.debug_rank_dumps:
         dump_rank_lora(adapter, accelerator, out_dir)
     if accelerator.is_main_process:
-        history.write(final=final, lora=str(out_dir / "lora"))
+        summary = validator.summary() if validator is not None else {}
+        history.write(final=final, lora=str(out_dir / "lora"), **summary)
         accelerator.print(
             f"finetune-t2i: LoRA in {out_dir / 'lora'}, metrics in {out_dir / 'metrics.json'}, "
             f"checkpoints in {out_dir / 'checkpoints'}, validation grids in {out_dir / 'validation'}"
         )
+        print_validation_summary(summary, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def print_validation_summary(summary: dict, accelerator) -> None:
+    """The end-of-run lines: the kept step and why, early stopping, hacking warnings."""
+    if summary.get("selection"):
+        sel = summary["selection"]
+        where = sel["lora"] or "no best/ folder (see the warning above)"
+        accelerator.print(f"finetune-t2i: kept step {sel['step']} in {where}: {sel['reason']}")
+    if summary.get("stopped_early"):
+        stop = summary["stopped_early"]
+        accelerator.print(f"finetune-t2i: stopped early at step {stop['step']}: {stop['reason']}")
+    for w in summary.get("hacking_warnings", []):
+        accelerator.print(f"finetune-t2i: WARNING: {w['message']}")

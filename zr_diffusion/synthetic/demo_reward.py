@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import yaml
+from zr_diffusion.synthetic.stages import deep_merge, write_run_config
 
 if TYPE_CHECKING:
-    from zr_diffusion.synthetic.demo import Context
+    from zr_diffusion.synthetic.stages import Context
 
 
 class Run(NamedTuple):
@@ -40,22 +40,6 @@ RUNS: tuple[Run, ...] = (
     Run("risd", "Student RISD", "student", "student"),
 )
 DISTILLED = ("opd", "risd")  # distil from the GDSO teacher
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _write_config(cls, data: dict, path: Path):
-    """Write ``data`` as YAML and load it back through ``load_config`` (the recipe's own validation)."""
-    from zr_diffusion.config import load_config
-    from zr_diffusion.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
-    return load_config(cls, path)
 
 
 def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
@@ -103,7 +87,7 @@ def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
     summary: dict[str, Any] = {"label": run.label, "eval_mode": run.eval_mode, "base": run.base}
     model = ctx.results["vlm"][run.base]["model"]
     if run.trains:
-        train_cfg = _write_config(
+        train_cfg = write_run_config(
             TrainRewardConfig, train_config(ctx, run, folder, teacher), folder / "config.yaml"
         )
         tic = time.perf_counter()
@@ -114,7 +98,7 @@ def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
         summary["train_metrics"] = str(folder / "metrics.json")
         model = str(result.model_dir)
         del result
-    eval_cfg = _write_config(
+    eval_cfg = write_run_config(
         EvalRewardConfig, eval_config(ctx, run, model, folder), folder / "eval_config.yaml"
     )
     tic = time.perf_counter()

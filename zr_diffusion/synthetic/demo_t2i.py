@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from zr_diffusion.synthetic.demo_reward import _write_config, deep_merge
+from zr_diffusion.synthetic.stages import deep_merge, write_run_config
 
 if TYPE_CHECKING:
-    from zr_diffusion.synthetic.demo import Context
+    from zr_diffusion.synthetic.stages import Context
 
 VARIANTS = ("base", "sft", "zreward")
 COMPARISONS = (("zreward", "sft"), ("sft", "base"), ("zreward", "base"))  # (A, B): GSB of A against B
@@ -68,7 +68,9 @@ def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
         "width": size,
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
-    sft_cfg = _write_config(SFTT2IConfig, deep_merge(cfg.generator.sft, filled), folder / "config_demo.yaml")
+    sft_cfg = write_run_config(
+        SFTT2IConfig, deep_merge(cfg.generator.sft, filled), folder / "config_demo.yaml"
+    )
     examples = load_sft_examples(sft_cfg.records, sft_cfg.min_score, sft_cfg.score_dimensions)
     all_examples = load_sft_examples(sft_cfg.records)
     final = train_t2i_sft(sft_cfg)
@@ -98,7 +100,7 @@ def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_mo
         "sampler": {"height": size, "width": size},
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
-    ft_cfg = _write_config(
+    ft_cfg = write_run_config(
         FinetuneT2IConfig, deep_merge(cfg.generator.zreward, filled), folder / "config_demo.yaml"
     )
     final = finetune_t2i(ft_cfg)

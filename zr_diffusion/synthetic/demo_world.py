@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from zr_diffusion.rubric import DIMENSIONS
 
 if TYPE_CHECKING:
-    from zr_diffusion.synthetic.demo import Context
+    from zr_diffusion.synthetic.stages import Context
 
 SPLITS = ("train", "val", "test")
 

@@ -18,7 +18,7 @@ import numpy as np
 from zr_diffusion.rubric import DIMENSIONS
 
 if TYPE_CHECKING:
-    from zr_diffusion.synthetic.demo import Context
+    from zr_diffusion.synthetic.stages import Context
 
 # METHOD.md §5 (Qwen3.5 backbones, the paper's internal test set). Keyed by the demo's run names.
 PAPER_TABLE = {
