@@ -99,6 +99,27 @@ def test_key_maps_each_item_and_order_is_seeded(page, tmp_path):
     assert [it["left"] for it in json.loads(key2.read_text())["items"]] == sides
 
 
+def test_review_seed_is_drawn_at_random_by_default_and_recorded_in_the_key(tmp_path):
+    """A fixed default seed would make the left/right order predictable to raters."""
+    g = torch.Generator().manual_seed(0)
+    images_a, images_b = torch.rand(7, 3, 8, 8, generator=g), torch.rand(7, 3, 8, 8, generator=g)
+    keys = [
+        json.loads(write_review_page(tmp_path / f"page{i}", PROMPTS, images_a, images_b)[1].read_text())
+        for i in range(2)
+    ]
+    seeds = [k["seed"] for k in keys]
+    assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
+    assert keys[0]["page_id"] != keys[1]["page_id"]
+    for i, key in enumerate(keys):  # the recorded seed reproduces the page's order
+        _, again = write_review_page(tmp_path / f"again{i}", PROMPTS, images_a, images_b, seed=key["seed"])
+        assert json.loads(again.read_text())["items"] == key["items"]
+    from zr_diffusion.pipelines.config import EvalT2IConfig, JudgeConfig
+
+    assert (
+        EvalT2IConfig(pipeline="p", prompts="x", judge=JudgeConfig(path="j"), lora_a="a").review_seed is None
+    )
+
+
 def _answers_for(key_path, picks, drop=()):
     """Answers as the page writes them; picks[i] in {"A", "B", "same", None} → left/right via the key."""
     key = json.loads(key_path.read_text())

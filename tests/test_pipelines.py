@@ -197,3 +197,132 @@ def test_flux_rejects_negative_prompts(tiny_dirs):
     adapter = load_adapter(tiny_dirs["flux"])
     with pytest.raises(ValueError, match="guidance embedding"):
         adapter.encode_prompts(PROMPTS, negative_prompts=["", ""])
+
+
+def test_sd_shipped_with_another_scheduler_samples_ddim_without_clipping(tmp_path):
+    """DDIMScheduler.from_config fills clip_sample=True when the source config lacks the key (a
+    DPMSolverMultistepScheduler config does); clamping x0 to [-1, 1] at every step would cut the
+    latents' range and zero their gradient, so the converted scheduler must not clip."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("sd")
+    pipe.scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    assert "clip_sample" not in pipe.scheduler.config
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    adapter = load_adapter(tmp_path)
+    assert type(adapter.scheduler).__name__ == "DDIMScheduler"
+    assert adapter.scheduler.config.clip_sample is False
+    adapter.set_timesteps(STEPS, SIZE, SIZE)
+    latents = torch.full((1, 4, 16, 16), 3.0, requires_grad=True)  # x0 well outside [-1, 1]
+    x0 = adapter.step(torch.zeros(1, 4, 16, 16), 0, latents).pred_x0  # epsilon 0: x0 = x_t / √ᾱ_t
+    a_t = adapter.scheduler.alphas_cumprod[int(adapter.timesteps[0])]
+    torch.testing.assert_close(x0, latents.detach() / a_t.sqrt())
+    x0.sum().backward()
+    torch.testing.assert_close(latents.grad, torch.full_like(latents, 1 / float(a_t.sqrt())))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_output_at_takes_one_timestep_per_sample(tiny_dirs, family):
+    """With guidance on, sample b at timesteps[b] equals a one-sample call at that sampling step."""
+    adapter = load_adapter(tiny_dirs[family])
+    x = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    cond = adapter.encode_prompts(PROMPTS, guidance_scale=GUIDANCE[family])
+    adapter.set_timesteps(STEPS, SIZE, SIZE)
+    steps = (0, STEPS - 1)  # sample 0 at the first step, sample 1 at the last
+    with torch.no_grad():
+        batched = adapter.model_output_at(x, adapter.timesteps[list(steps)], cond)  # [2, C, h, w]
+        for b, i in enumerate(steps):
+            one = adapter.encode_prompts(PROMPTS[b : b + 1], guidance_scale=GUIDANCE[family])
+            single = adapter.model_output(x[b : b + 1], i, one)
+            torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-4, atol=1e-5)
+        assert (batched[0] - adapter.model_output(x, steps[1], cond)[0]).abs().max() > 1e-3  # t matters
+    with pytest.raises(ValueError, match=r"timesteps must be \[B\] = \[2\]"):
+        adapter.model_output_at(x, adapter.timesteps[:1], cond)
+
+
+def _overflowing_vae_sdxl(path, force_upcast: bool):
+    """A tiny SDXL whose VAE's first convolutions reach activations above float16's 65504 (as the
+    real SDXL VAE does in float16), finite in float32."""
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("sdxl")
+    with torch.no_grad():
+        for conv in (pipe.vae.decoder.conv_in, pipe.vae.encoder.conv_in):
+            conv.weight.mul_(1e5)  # |w| <= 2e4: representable in float16
+            conv.bias.mul_(1e5)
+    pipe.vae.register_to_config(force_upcast=force_upcast)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_vae_force_upcast_decodes_and_encodes_in_float32(tmp_path):
+    """As StableDiffusionXLPipeline does: a float16 VAE with force_upcast runs in float32, also
+    under float16 autocast; one without force_upcast stays in float16 (and overflows here)."""
+    from zr_diffusion.pipelines.sft import encode_images
+
+    gen = torch.Generator().manual_seed(0)
+    z, images = torch.randn(2, 4, 16, 16, generator=gen), torch.rand(2, 3, SIZE, SIZE, generator=gen)
+    path = _overflowing_vae_sdxl(tmp_path / "upcast", force_upcast=True)
+    reference = load_adapter(path)  # float32
+    with torch.no_grad():
+        expected = reference.decode(z)
+        assert expected.isfinite().all() and expected.std() > 0.01
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.testing.assert_close(reference.decode(z), expected, atol=1e-5, rtol=0)
+            assert encode_images(reference, images, torch.Generator().manual_seed(1)).isfinite().all()
+        half = load_adapter(path, dtype=torch.float16)
+        assert half.dtype == torch.float16  # the denoiser keeps the requested dtype
+        torch.testing.assert_close(half.decode(z), expected, atol=2e-2, rtol=0)  # fp16-rounded weights
+        assert encode_images(half, images, torch.Generator().manual_seed(1)).isfinite().all()
+
+        kept = load_adapter(_overflowing_vae_sdxl(tmp_path / "kept", force_upcast=False), dtype=torch.float16)
+        assert not kept.decode(z).isfinite().all()
+
+
+def _tiny_flux_schnell(path):
+    """A tiny Flux.1-schnell: the transformer has no guidance embedding (timestep-distilled, no CFG)."""
+    from diffusers import FluxTransformer2DModel
+
+    from zr_diffusion.pipelines.tiny import build_tiny_t2i
+
+    pipe = build_tiny_t2i("flux")
+    torch.manual_seed(0)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    pipe.register_modules(transformer=FluxTransformer2DModel(**{**config, "guidance_embeds": False}))
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_guidance_defaults_per_family(tiny_dirs, tmp_path):
+    """No guidance_scale given: what each family's own pipeline does without one (SD 7.5, SDXL 5.0,
+    Flux.1-dev 3.5; Flux.1-schnell has no guidance embedding and no CFG: 0), and for Z-Image a clear
+    error, since Z-Image-Turbo samples with 0 and the base model with CFG."""
+    unset = SamplerConfig(num_steps=STEPS, height=SIZE, width=SIZE)
+    assert unset.guidance_scale is None
+    adapters = {f: load_adapter(tiny_dirs[f]) for f in ("sd", "sdxl", "flux")}
+    adapters["schnell"] = load_adapter(_tiny_flux_schnell(tmp_path / "schnell"))
+    for name, default in {"sd": 7.5, "sdxl": 5.0, "flux": 3.5, "schnell": 0.0}.items():
+        adapter = adapters[name]
+        assert adapter.encode_prompts(PROMPTS).guidance_scale == default
+        with torch.no_grad():  # the pipeline's __call__ with its own default guidance
+            expected = adapter.pipe(
+                PROMPTS,
+                num_inference_steps=STEPS,
+                height=SIZE,
+                width=SIZE,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+                **_seq_len_kwargs(adapter),
+            ).images
+        got = sample(adapter, PROMPTS, unset, seed=0, grad=False).images
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no guidance embedding; guidance_scale must be 0, got 3.5"):
+        adapters["schnell"].encode_prompts(PROMPTS, guidance_scale=3.5)
+
+    zimage = load_adapter(tiny_dirs["zimage"])
+    with pytest.raises(ValueError, match="Z-Image-Turbo .* 0.*base Z-Image .*CFG"):
+        sample(zimage, PROMPTS, unset, seed=0, grad=False)

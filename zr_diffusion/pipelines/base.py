@@ -3,23 +3,29 @@
 An adapter wraps one loaded diffusers pipeline and exposes the pieces a reward-gradient sampler
 needs, each a plain differentiable function of tensors:
 
-    cond    = adapter.encode_prompts(prompts, guidance_scale=...)     # frozen text encoders, no grad
+    cond    = adapter.encode_prompts(prompts, guidance_scale=...)     # frozen text encoders, no grad (None: default)
     x       = adapter.initial_latents(B, H, W, generator)             # [B, C, h, w]
     adapter.set_timesteps(T, H, W)
     step    = adapter.denoise(x, i, cond)                             # one step i in 0..T-1, guidance included
     x, x0   = step.prev_latents, step.pred_x0                         # x0: predicted clean latents (ReFL)
     images  = adapter.decode(x)                                       # [B, 3, H, W] in [0, 1]
+    z       = adapter.encode(images, generator)                       # VAE posterior sample (training data)
+    v       = adapter.model_output_at(x, t, cond)                     # one timestep per sample, t [B] (training)
 
-Latents are always unpacked ``[B, C, h, w]`` (Flux packs them into tokens inside ``model_output``).
+Latents are always unpacked ``[B, C, h, w]`` (Flux packs them into tokens inside its denoiser call).
 The scheduler math is written out (DDIM for SD/SDXL, flow-matching Euler for Flux/Z-Image) instead of
 calling the stateful ``scheduler.step``, so that any step can be taken in any order, with or without
 a graph; the tests check it against the pipeline's own ``__call__``.
+
+A VAE whose config sets ``force_upcast`` (SDXL's, SD's) decodes and encodes in float32, never under
+float16 autocast, as StableDiffusionXLPipeline does.
 
 LoRA goes on ``adapter.denoiser`` only; the base weights and all other components are frozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -83,6 +89,10 @@ class T2IAdapter(ABC):
                 module.requires_grad_(False)
                 module.eval()
         self.timesteps: torch.Tensor | None = None  # [T], set by set_timesteps
+        # StableDiffusionXLPipeline decodes a float16 VAE in float32 when its config says force_upcast
+        # (its float16 activations overflow into NaNs); the adapter keeps such a VAE in float32.
+        if self._vae_force_upcast and pipe.vae.dtype == torch.float16:
+            pipe.vae.to(torch.float32)
 
     @classmethod
     def from_pretrained(
@@ -118,17 +128,30 @@ class T2IAdapter(ABC):
 
     @abstractmethod
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 5.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> Conditioning:
-        """Encode with the frozen text encoder(s); guidance follows the family pipeline's convention."""
+        """Encode with the frozen text encoder(s); guidance follows the family pipeline's convention.
+
+        guidance_scale None: ``default_guidance_scale()``.
+        """
+
+    @abstractmethod
+    def default_guidance_scale(self) -> float:
+        """The guidance scale the family's pipeline samples with when given none; a ValueError that
+        says what to choose where the family has no single sensible value."""
 
     @abstractmethod
     def set_timesteps(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         """Set and return the T sampling timesteps (flow families shift them by image size)."""
 
     @abstractmethod
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:
-        """One denoiser call at step ``t_index`` with guidance applied. [B, C, h, w] -> [B, C, h, w]."""
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """One denoiser call, guidance applied, sample b at ``timesteps[b]``. [B, C, h, w], [B] -> [B, C, h, w]."""
 
     @abstractmethod
     def step(self, model_output: torch.Tensor, t_index: int, latents: torch.Tensor) -> StepOutput:
@@ -155,9 +178,32 @@ class T2IAdapter(ABC):
         shape = self.latent_shape(batch, height, width)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
+    def model_output(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:
+        """The guided denoiser output at sampling step ``t_index``. [B, C, h, w] -> [B, C, h, w]."""
+        self._check_t_index(t_index)
+        return self._guided_output(latents, self.timesteps[t_index].expand(latents.shape[0]), cond)
+
+    def model_output_at(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The guided denoiser output with one timestep per sample (training losses draw them).
+
+        latents [B, C, h, w], timesteps [B] in the scheduler's units (DDPM: integer t; flow matching:
+        σ · num_train_timesteps); needs no ``set_timesteps``. Returns [B, C, h, w].
+        """
+        if timesteps.shape != (latents.shape[0],):
+            raise ValueError(
+                f"timesteps must be [B] = [{latents.shape[0]}], one per sample, got {tuple(timesteps.shape)}"
+            )
+        out = self._guided_output(latents, timesteps.to(self.device), cond)
+        if out.shape != latents.shape:
+            raise RuntimeError(
+                f"{self.family} denoiser output {tuple(out.shape)} != latents {tuple(latents.shape)}"
+            )
+        return out
+
     def denoise(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> StepOutput:
         """One denoising step (guidance included); differentiable w.r.t. the denoiser's parameters."""
-        self._check_t_index(t_index)
         return self.step(self.model_output(latents, t_index, cond), t_index, latents)
 
     def denoise_step(self, latents: torch.Tensor, t_index: int, cond: Conditioning) -> torch.Tensor:
@@ -168,9 +214,36 @@ class T2IAdapter(ABC):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable VAE decode. [B, C, h, w] latents -> [B, 3, H, W] images in [0, 1]."""
-        z = self.unscale_latents(latents).to(self.vae.dtype)
-        image = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in about [-1, 1]
+        with self._vae_precision():
+            z = self.unscale_latents(latents).to(self.vae.dtype)
+            image = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in about [-1, 1]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE encode: [B, 3, H, W] in [0, 1] -> [B, C, h, w] a posterior sample in the VAE's (unscaled)
+        latent space, float32."""
+        with self._vae_precision():
+            pixels = (images * 2 - 1).to(self.device, self.vae.dtype)
+            z = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        return z.float()
+
+    @property
+    def _vae_force_upcast(self) -> bool:
+        return bool(getattr(self.vae.config, "force_upcast", False))
+
+    def _vae_precision(self) -> contextlib.AbstractContextManager:
+        """A force_upcast VAE never computes in float16: float16 autocast is switched off around it."""
+        kind = self.device.type
+        if (
+            self._vae_force_upcast
+            and torch.is_autocast_enabled(kind)
+            and torch.get_autocast_dtype(kind) == torch.float16
+        ):
+            return torch.autocast(kind, enabled=False)
+        return contextlib.nullcontext()
+
+    def _guidance(self, guidance_scale: float | None) -> float:
+        return self.default_guidance_scale() if guidance_scale is None else float(guidance_scale)
 
     def _check_t_index(self, t_index: int) -> None:
         if self.timesteps is None:

@@ -246,6 +246,22 @@ def _check_batch(batch_size: int, run: RunConfig) -> None:
         )
 
 
+def micro_batch_size(batch_size: int, grad_accum: int, num_processes: int, what: str = "prompts") -> int:
+    """Items per micro-batch over all processes, ``batch_size / grad_accum``; checked at start-up.
+
+    The t2i recipes split a step's ``batch_size`` items into ``grad_accum`` micro-batches and each
+    micro-batch over the processes, so ``batch_size`` must be a multiple of ``grad_accum × processes``.
+    """
+    micro = batch_size // grad_accum
+    if batch_size % grad_accum or micro % num_processes:
+        raise ValueError(
+            f"a micro-batch of {batch_size / grad_accum:g} {what} (batch_size={batch_size} / run.grad_accum="
+            f"{grad_accum}) does not split over {num_processes} processes; make batch_size a multiple of "
+            f"{grad_accum * num_processes} or lower run.grad_accum"
+        )
+    return micro
+
+
 @dataclass
 class FinetuneT2IConfig:
     """``zr finetune-t2i``: LoRA on a diffusers denoiser, loss = −mean Z-Reward of sampled images (§6).
@@ -310,7 +326,7 @@ class SFTT2IConfig:
     height: int = 512  # images are resized to height x width before VAE encoding
     width: int = 512
     batch_size: int = 4  # records per optimizer step over all processes
-    flux_guidance: float = 3.5  # Flux.1-dev guidance-embedding value during training (Flux only)
+    flux_guidance: float | None = None  # Flux.1 guidance input in training; None: 3.5 (dev), 0 (schnell)
     lora: T2ILoraConfig = field(default_factory=T2ILoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -353,12 +369,12 @@ class EvalT2IConfig:
     tie_margin: float = 0.0  # |R_A − R_B| <= tie_margin is "Same"
     output_dir: str = "runs/eval-t2i"
     num_steps: int = 28
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None  # None: the family's default (adapter.default_guidance_scale)
     height: int = 512
     width: int = 512
     negative_prompt: str | None = None
     batch_size: int = 4  # images per generation / judging batch
-    review_seed: int = 0  # left/right order on the review page
+    review_seed: int | None = None  # review page's left/right order; None: random, kept in the key
     enable_xformers: bool = False
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """Flux.1 adapter: MMDiT transformer on 2x2-packed latents, CLIP pooled + T5 sequence conditioning.
 
 Flux.1-dev is guidance-distilled: ``guidance_scale`` is fed to the transformer's guidance embedding and
-there is one transformer call per step (no classifier-free guidance, so no negative prompts).
+there is one transformer call per step (no classifier-free guidance, so no negative prompts); default
+3.5, FluxPipeline's. Flux.1-schnell has no guidance embedding: its guidance scale is 0 (FluxPipeline
+ignores the value; here another value is an error).
 """
 
 from __future__ import annotations
@@ -42,11 +44,18 @@ class FluxAdapter(FlowMatchAdapter):
     def base_sigmas(self, num_steps: int) -> list[float]:
         return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
 
+    def default_guidance_scale(self) -> float:
+        return 3.5 if self.denoiser.config.guidance_embeds else 0.0
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 3.5
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> FluxConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         if negative_prompts is not None:
             raise ValueError(
                 "Flux.1 uses the guidance embedding, not classifier-free guidance: pass no negative_prompts"
@@ -64,11 +73,13 @@ class FluxAdapter(FlowMatchAdapter):
         )
         return FluxConditioning(list(prompts), guidance_scale, embeds, pooled, text_ids, guidance)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: FluxConditioning) -> torch.Tensor:
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: FluxConditioning
+    ) -> torch.Tensor:
         b, c, h, w = latents.shape
         packed = FluxPipeline._pack_latents(latents.to(self.dtype), b, c, h, w)  # [B, h/2 * w/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, self.dtype)
-        t = self.timesteps[t_index].expand(b).to(self.dtype)  # [B]
+        t = timesteps.to(self.dtype)  # [B]
         out = self.denoiser(
             hidden_states=packed,
             timestep=t / 1000,

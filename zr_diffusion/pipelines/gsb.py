@@ -4,13 +4,13 @@
 
 - a judge's scores: ``judge_pairs(scores_a, scores_b, tie_margin)`` then ``gsb(verdicts)``;
 - people: ``write_review_page`` writes an offline HTML page of side-by-side pairs (left/right order
-  randomised per item, seeded) and, in a separate key file, which side is model A; the page's
+  randomised per item from a seed drawn at random unless given, recorded in the key) and, in a separate key file, which side is model A; the page's
   button downloads the answers as JSON, and ``gsb_from_answers(answers, key)`` (``zr gsb --answers
   FILE --key FILE``) maps them back to A/B.
 
 Key file (``zr-gsb-key/1``), kept away from raters::
 
-    {"format": "zr-gsb-key/1", "page_id": "<16 hex>", "seed": 0,
+    {"format": "zr-gsb-key/1", "page_id": "<16 hex>", "seed": 5190419830281767,
      "items": [{"id": "item0000", "prompt": "...", "left": "A"}, ...]}
 
 Answers file (``zr-gsb-answers/1``), as the page's JavaScript writes it; ``null`` or a missing id
@@ -28,6 +28,7 @@ import html
 import io
 import json
 import random
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -213,13 +214,14 @@ def write_review_page(
     prompts: Sequence[str],
     images_a: torch.Tensor | Sequence[torch.Tensor],
     images_b: torch.Tensor | Sequence[torch.Tensor],
-    seed: int = 0,
+    seed: int | None = None,
     key_path: str | Path | None = None,
 ) -> tuple[Path, Path]:
     """Write ``out_dir/index.html`` + ``out_dir/images/*.png`` and the key JSON; return (html, key).
 
     images_a / images_b: [N, 3, H, W] in [0, 1] (or N tensors [3, H, W]) from model A (tuned) and B
-    (baseline) for the N prompts. key_path defaults to ``<out_dir>.key.json`` beside the folder, so
+    (baseline) for the N prompts. seed picks the left/right order; None draws it at random (a fixed
+    seed would let raters predict the order); the key file records it. key_path defaults to ``<out_dir>.key.json`` beside the folder, so
     the folder can be handed to raters as it is. Both are written atomically; an existing
     ``out_dir`` is replaced whole.
     """
@@ -234,6 +236,8 @@ def write_review_page(
     key_path = Path(key_path) if key_path is not None else out_dir.with_name(out_dir.name + ".key.json")
     if key_path.resolve().is_relative_to(out_dir.resolve()):
         raise ValueError(f"key_path {key_path} is inside {out_dir}; keep the key away from raters")
+    if seed is None:
+        seed = secrets.randbits(63)
     pngs = [(_png_bytes(a), _png_bytes(b)) for a, b in zip(images_a, images_b)]
     digest = hashlib.sha256(json.dumps([seed, list(prompts)]).encode())
     for a, b in pngs:

@@ -28,6 +28,7 @@ from zr_diffusion.config import save_config, to_dict
 from zr_diffusion.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from zr_diffusion.pipelines.adapters import load_adapter
 from zr_diffusion.pipelines.base import T2IAdapter
+from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.prompts import load_prompts
 from zr_diffusion.pipelines.sampler import SamplerConfig, sample
 from zr_diffusion.pipelines.validation import Validator, validation_prompts
@@ -247,7 +248,7 @@ def lora_drift(
     latents: torch.Tensor,
     prompts: list[str],
     negative_prompts: list[str] | None,
-    guidance_scale: float,
+    guidance_scale: float | None,
     steps: Sequence[int],
     generator: torch.Generator,
 ) -> torch.Tensor:
@@ -283,7 +284,9 @@ def reward_loss(
     """Sample B images with gradients, score them, and form the loss of one micro-batch."""
     negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
     out = sample(adapter, prompts, sampler, generator=generator, negative_prompts=negative)
-    scored = reward_model(out.images, out.prompts)  # mu [B', D], reward [B']
+    # The frozen reward runs in its own dtype, outside the generator's autocast (run.mixed_precision).
+    with torch.autocast(out.images.device.type, enabled=False):
+        scored = reward_model(out.images, out.prompts)  # mu [B', D], reward [B']
     loss = -scored.reward.mean()
     reg = loss.new_zeros(())
     if reg_weight > 0:
@@ -325,8 +328,8 @@ def train_step(
         sums += torch.stack([terms.loss, terms.reward.mean(), terms.reg]).detach().float() / accum
         mu_sum += terms.mu.detach().float().mean(0) / accum
     grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
-    loss, reward, reg = accelerator.reduce(sums).tolist()
-    mu = accelerator.reduce(mu_sum).tolist()  # [D]
+    loss, reward, reg = accelerator.reduce(sums, reduction="mean").tolist()
+    mu = accelerator.reduce(mu_sum, reduction="mean").tolist()  # [D]
     logs = {"step": step + 1, "loss": loss, "reward": reward, "reg": reg}
     logs |= {f"mu/{d}": v for d, v in zip(reward_model.dimensions, mu)}
     return logs | {"lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
@@ -343,12 +346,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
     out_dir = Path(cfg.run.output_dir)
     prompts = load_prompts(cfg.prompts)
     val_prompts = validation_prompts(cfg.validation, prompts) if cfg.validation.enabled else None
-    if (cfg.batch_size // cfg.run.grad_accum) % accelerator.num_processes:
-        micro = cfg.batch_size // cfg.run.grad_accum
-        raise ValueError(
-            f"a micro-batch of {micro} prompts (batch_size={cfg.batch_size} / run.grad_accum="
-            f"{cfg.run.grad_accum}) does not split over {accelerator.num_processes} processes"
-        )
+    micro_batch_size(cfg.batch_size, cfg.run.grad_accum, accelerator.num_processes)
     device = accelerator.device
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, device, cfg.enable_xformers)
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)

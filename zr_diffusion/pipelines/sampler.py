@@ -36,7 +36,7 @@ class SamplerConfig:
     """How to sample and where gradients flow."""
 
     num_steps: int = 20  # T denoising steps
-    guidance_scale: float = 5.0  # in the family's convention (see each adapter's encode_prompts)
+    guidance_scale: float | None = None  # family's convention; None: its default (Z-Image has none)
     height: int = 512  # image size in pixels
     width: int = 512
     mode: Mode = "draft"

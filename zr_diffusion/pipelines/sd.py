@@ -26,7 +26,10 @@ class DDIMAdapter(T2IAdapter):
     """Shared by the UNet families: DDIM update for epsilon, v and sample prediction.
 
     A pipeline shipped with another scheduler (SD 1.5 ships PNDM) gets a DDIMScheduler built from
-    the same config, since the differentiable sampler implements the DDIM update.
+    the same config, since the differentiable sampler implements the DDIM update. ``from_config``
+    fills ``clip_sample=True`` where the source config has no such key (PNDM, DPM-Solver); clamping
+    latents to [-1, 1] at every step is wrong for latent diffusion and kills the gradient, so the
+    converted scheduler always gets ``clip_sample=False``, the value StableDiffusionPipeline corrects it to.
     """
 
     denoiser_name = "unet"
@@ -36,7 +39,7 @@ class DDIMAdapter(T2IAdapter):
     def __init__(self, pipe: DiffusionPipeline):
         super().__init__(pipe)
         if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         config = pipe.scheduler.config
         if config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -110,25 +113,34 @@ class DDIMAdapter(T2IAdapter):
 
 
 class SDAdapter(DDIMAdapter):
-    """StableDiffusionPipeline (SD 1.x / 2.x). Guidance: CFG when guidance_scale > 1."""
+    """StableDiffusionPipeline (SD 1.x / 2.x). Guidance: CFG when guidance_scale > 1, default 7.5."""
 
     family = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
 
+    def default_guidance_scale(self) -> float:
+        return 7.5  # StableDiffusionPipeline.__call__'s default
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 7.5
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> SDConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
         embeds, negative = self.pipe.encode_prompt(
             list(prompts), self.device, 1, do_cfg, negative_prompt=negative_prompts
         )
         return SDConditioning(list(prompts), guidance_scale, embeds, negative if do_cfg else None)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: SDConditioning) -> torch.Tensor:
-        t = self.timesteps[t_index]
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: SDConditioning
+    ) -> torch.Tensor:
         x = torch.cat([latents, latents]) if cond.do_cfg else latents  # [2B or B, C, h, w]
+        t = timesteps.repeat(2) if cond.do_cfg else timesteps  # [2B or B]
         embeds = torch.cat([cond.negative_embeds, cond.prompt_embeds]) if cond.do_cfg else cond.prompt_embeds
         out = self.denoiser(x.to(self.dtype), t, encoder_hidden_states=embeds, return_dict=False)[0]
         return self._guide(out, cond)

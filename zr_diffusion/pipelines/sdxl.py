@@ -16,7 +16,7 @@ class SDXLConditioning(SDConditioning):
 
 
 class SDXLAdapter(DDIMAdapter):
-    """StableDiffusionXLPipeline. Guidance: CFG when guidance_scale > 1.
+    """StableDiffusionXLPipeline. Guidance: CFG when guidance_scale > 1, default 5.0.
 
     The added time ids are (original size, crop top-left, target size) = ((H, W), (0, 0), (H, W)),
     the pipeline's defaults, read from the latents' size at each call.
@@ -25,11 +25,18 @@ class SDXLAdapter(DDIMAdapter):
     family = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
 
+    def default_guidance_scale(self) -> float:
+        return 5.0  # StableDiffusionXLPipeline.__call__'s default
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 5.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> SDXLConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             list(prompts),
@@ -50,14 +57,16 @@ class SDXLAdapter(DDIMAdapter):
         )
         return ids.to(self.device).repeat(rows, 1)  # [rows, 6]
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: SDXLConditioning) -> torch.Tensor:
-        t = self.timesteps[t_index]
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: SDXLConditioning
+    ) -> torch.Tensor:
         if cond.do_cfg:
             x = torch.cat([latents, latents])  # [2B, C, h, w]: uncond first, as the pipeline does
+            t = timesteps.repeat(2)  # [2B]
             embeds = torch.cat([cond.negative_embeds, cond.prompt_embeds])
             pooled = torch.cat([cond.negative_pooled_embeds, cond.pooled_embeds])
         else:
-            x, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_embeds
+            x, t, embeds, pooled = latents, timesteps, cond.prompt_embeds, cond.pooled_embeds
         added = {"text_embeds": pooled, "time_ids": self._time_ids(latents, x.shape[0])}
         out = self.denoiser(
             x.to(self.dtype), t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from zr_diffusion.data import DataError, load_image, load_records
 from zr_diffusion.pipelines.base import T2IAdapter
+from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.reward_finetune import (
     add_lora,
     check_finite_everywhere,
@@ -168,31 +169,7 @@ def scale_latents(adapter: T2IAdapter, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_images(adapter: T2IAdapter, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> [B, C, h, w] denoiser latents (a sample of the VAE posterior)."""
-    pixels = (images * 2 - 1).to(adapter.device, adapter.vae.dtype)
-    z = adapter.vae.encode(pixels).latent_dist.sample(generator=generator)
-    return scale_latents(adapter, z.float())
-
-
-def model_output_at(
-    adapter: T2IAdapter, latents: torch.Tensor, timesteps: torch.Tensor, cond
-) -> torch.Tensor:
-    """The denoiser output with one timestep per sample: latents [B, C, h, w], timesteps [B].
-
-    ``adapter.model_output(x, i, cond)`` reads ``adapter.timesteps[i]``; with ``adapter.timesteps``
-    set to the [1, B] row of this batch's timesteps, index 0 hands every sample its own timestep
-    (each family's denoiser takes a [B] timestep). The sampling timesteps are restored afterwards.
-    """
-    saved = adapter.timesteps
-    adapter.timesteps = timesteps.to(adapter.device).reshape(1, -1)  # [1, B]
-    try:
-        out = adapter.model_output(latents, 0, cond)  # [B, C, h, w]
-    finally:
-        adapter.timesteps = saved
-    if out.shape != latents.shape:
-        raise RuntimeError(
-            f"{adapter.family} denoiser output {tuple(out.shape)} != latents {tuple(latents.shape)}"
-        )
-    return out
+    return scale_latents(adapter, adapter.encode(images, generator))
 
 
 def noise_and_target(
@@ -232,16 +209,16 @@ def denoising_loss(
     images: torch.Tensor,
     prompts: list[str],
     generator: torch.Generator,
-    flux_guidance: float = 3.5,
+    flux_guidance: float | None = None,
 ) -> torch.Tensor:
     """MSE between the denoiser output and the family's target on ``images [B, 3, H, W]``; a scalar."""
     x0 = encode_images(adapter, images, generator)  # [B, C, h, w]
     noisy, t, target = noise_and_target(adapter, x0, generator)
     # Guidance off for training: no CFG for SD/SDXL (1.0) and Z-Image (0.0); Flux.1-dev is
-    # guidance-distilled and takes the guidance value as an embedding input.
+    # guidance-distilled and takes the guidance value as an embedding input (None: its default).
     guidance = {"sd": 1.0, "sdxl": 1.0, "zimage": 0.0, "flux": flux_guidance}[adapter.family]
     cond = adapter.encode_prompts(prompts, None, guidance_scale=guidance)
-    pred = model_output_at(adapter, noisy, t, cond)  # [B, C, h, w]
+    pred = adapter.model_output_at(noisy, t, cond)  # [B, C, h, w]
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -254,12 +231,7 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
     accelerator = make_accelerator(cfg.run)
     out_dir = Path(cfg.run.output_dir)
     examples = load_sft_examples(cfg.records, cfg.min_score, cfg.score_dimensions)
-    micro = cfg.batch_size // cfg.run.grad_accum
-    if micro % accelerator.num_processes:
-        raise ValueError(
-            f"a micro-batch of {micro} records (batch_size={cfg.batch_size} / run.grad_accum="
-            f"{cfg.run.grad_accum}) does not split over {accelerator.num_processes} processes"
-        )
+    micro = micro_batch_size(cfg.batch_size, cfg.run.grad_accum, accelerator.num_processes, "records")
     adapter = load_t2i_adapter(cfg.pipeline, cfg.family, cfg.dtype, accelerator.device, cfg.enable_xformers)
     adapter.latent_shape(1, cfg.height, cfg.width)  # image size check, with the family's message
     params = add_lora(adapter, cfg.lora, cfg.run.seed, accelerator)
@@ -298,7 +270,9 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
         grad_norm = optimizer_step(params, optimizer, scheduler, accelerator, cfg.optim.max_grad_norm)
         completed = step + 1
 
-        loss_mean = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device)))
+        loss_mean = float(
+            accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), reduction="mean")
+        )
         logs = {
             "step": completed,
             "loss": loss_mean,

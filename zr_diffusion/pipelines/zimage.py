@@ -1,7 +1,8 @@
 """Z-Image adapter: single-stream DiT fed per-image lists, Qwen3 text features, flow matching.
 
 Guidance follows ZImagePipeline: on when guidance_scale > 0, ``pred = pos + g * (pos - neg)``
-(Z-Image-Turbo samples with g = 0). CFG renormalisation and truncation are not implemented.
+(Z-Image-Turbo samples with g = 0). CFG renormalisation and truncation are not implemented. There is
+no default: the distilled Turbo wants 0 and the base model CFG, and their pipelines look alike.
 """
 
 from __future__ import annotations
@@ -37,11 +38,22 @@ class ZImageAdapter(FlowMatchAdapter):
         super().__init__(pipe)
         self.max_sequence_length = max_sequence_length or min(512, pipe.tokenizer.model_max_length)
 
+    def default_guidance_scale(self) -> float:
+        raise ValueError(
+            "Z-Image needs an explicit guidance_scale (sampler.guidance_scale for zr finetune-t2i, "
+            "guidance_scale for zr eval-t2i): Z-Image-Turbo is distilled and samples with 0 (no CFG); the "
+            "base Z-Image uses CFG, pred = pos + g * (pos - neg), e.g. 4.0 (ZImagePipeline's default is 5.0)"
+        )
+
     @torch.no_grad()
     def encode_prompts(
-        self, prompts: list[str], negative_prompts: list[str] | None = None, guidance_scale: float = 0.0
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        guidance_scale: float | None = None,
     ) -> ZImageConditioning:
         self._check_prompts(prompts, negative_prompts)
+        guidance_scale = self._guidance(guidance_scale)
         do_cfg = guidance_scale > 0
         embeds, negative = self.pipe.encode_prompt(
             list(prompts),  # copied: the pipeline rewrites the list in place with the chat template
@@ -52,9 +64,11 @@ class ZImageAdapter(FlowMatchAdapter):
         )
         return ZImageConditioning(list(prompts), guidance_scale, embeds, negative if do_cfg else None)
 
-    def model_output(self, latents: torch.Tensor, t_index: int, cond: ZImageConditioning) -> torch.Tensor:
+    def _guided_output(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: ZImageConditioning
+    ) -> torch.Tensor:
         b = latents.shape[0]
-        t = (1000 - self.timesteps[t_index].expand(b)) / 1000  # [B] the transformer counts time upwards
+        t = (1000 - timesteps) / 1000  # [B] the transformer counts time upwards
         x = latents.to(self.dtype).unsqueeze(2)  # [B, C, 1, h, w]: one frame per image
         if cond.do_cfg:
             x, t, caps = x.repeat(2, 1, 1, 1, 1), t.repeat(2), cond.prompt_embeds + cond.negative_embeds
