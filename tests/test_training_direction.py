@@ -350,6 +350,33 @@ def test_grpo_surrogate_falls_on_its_own_rollouts(rworld):
         )
 
 
+def test_grpo_step_uses_the_advantages_of_its_own_rollout_rewards(rworld, monkeypatch):
+    """The advantages that reach Eq. 14 are those of the step's own rollout rewards, sign included:
+    within each side's group an output rewarded above the group mean has a positive advantage."""
+    import zr_diffusion.reward.gdso as gdso
+
+    seen: dict[str, list] = {"rewards": [], "advantages": []}
+    real_rewards, real_loss = gdso.group_rewards, gdso.gdso_loss
+
+    def spy_rewards(*args, **kwargs):
+        out = real_rewards(*args, **kwargs)
+        seen["rewards"].append(out)
+        return out
+
+    def spy_loss(readout, rollout, advantages, *args, **kwargs):
+        seen["advantages"].append(advantages)
+        return real_loss(readout, rollout, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(gdso, "group_rewards", spy_rewards)
+    monkeypatch.setattr(gdso, "gdso_loss", spy_loss)
+    over = (f"batch_size={N_RECORDS // 2}", *GDSO_SCHEDULE, "run.max_steps=1", "gdso.group_size=4")
+    _train(rworld, "grpo", rworld["root"] / "grpo-advantages", *over)
+    (rewards,), (advantages,) = seen["rewards"], seen["advantages"]
+    torch.testing.assert_close(advantages, rewards.advantages)
+    centred = rewards.reward - rewards.reward.mean(-1, keepdim=True)  # [B, 2, G]
+    assert (advantages * centred >= 0).all() and (advantages * centred).sum() > 0
+
+
 def test_risd_step_loss_pairs_each_record_with_its_own_cached_target(rworld, gdso_teacher):
     """RISD from the GDSO teacher: step 1's loss is KL(q_T ‖ q_φ) with each record's OWN cached
     teacher target and the base student's logits; the loss falls overall and the student's HPA
