@@ -64,9 +64,18 @@ def tiny_dirs(tmp_path_factory):
     return {f: make_tiny_t2i(root / f, f, seed=0, sample_size=SIZE) for f in FAMILIES}
 
 
+def _held_out_brightness(adapter, family: str) -> float:
+    """Mean brightness of images from a seed the training steps never used."""
+    with torch.no_grad():
+        return float(
+            _brightness_reward(sample(adapter, PROMPTS, _config(family), seed=9, grad=False).images).mean()
+        )
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_dirs, tmp_path_factory):
-    """Per family: an adapter after two reward-gradient steps, its base weights before, its saved LoRA."""
+    """Per family: an adapter after two reward-gradient steps, its base weights before, its saved LoRA,
+    and the mean brightness of held-out images (seed 9) before and after the two steps."""
     out = {}
     for family in FAMILIES:
         adapter = load_adapter(tiny_dirs[family])
@@ -78,6 +87,7 @@ def trained(tiny_dirs, tmp_path_factory):
         }
         adapter.add_lora(rank=4, alpha=8.0)  # alpha != rank: the saved metadata must carry the scale
         lora_before = [p.detach().clone() for p in adapter.lora_parameters()]
+        brightness = [_held_out_brightness(adapter, family)]
         opt = torch.optim.Adam(adapter.lora_parameters(), lr=1e-2)
         # Two steps: LoRA B starts at zero, so A only receives gradient from the second step on.
         for step in range(2):
@@ -86,8 +96,9 @@ def trained(tiny_dirs, tmp_path_factory):
             opt.zero_grad()
             loss.backward()
             opt.step()
+        brightness.append(_held_out_brightness(adapter, family))
         lora_dir = adapter.save_lora(tmp_path_factory.mktemp(f"lora_{family}"))
-        out[family] = (adapter, frozen_before, lora_before, lora_dir)
+        out[family] = (adapter, frozen_before, lora_before, lora_dir, brightness)
     return out
 
 
@@ -120,7 +131,7 @@ def test_sd_v_prediction_matches_pipeline_call(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reward_step_moves_only_lora(trained, family):
-    adapter, frozen_before, lora_before, _ = trained[family]
+    adapter, frozen_before, lora_before, _, _ = trained[family]
     lora_now = adapter.lora_parameters()
     assert lora_now and all(p.dtype == torch.float32 for p in lora_now)
     unchanged = [i for i, (a, b) in enumerate(zip(lora_before, lora_now)) if torch.equal(a, b)]
@@ -134,8 +145,15 @@ def test_reward_step_moves_only_lora(trained, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_brightness_reward_steps_raise_brightness(trained, family):
+    """Two steps of −mean brightness make held-out images brighter (a flipped sign makes them darker)."""
+    before, after = trained[family][4]
+    assert after > before + 1e-4, f"{family}: brightness {before:.5f} -> {after:.5f}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_saved_lora_loads_into_fresh_pipeline(trained, tiny_dirs, family):
-    adapter, _, _, lora_dir = trained[family]
+    adapter, _, _, lora_dir, _ = trained[family]
     assert json.loads((lora_dir / LORA_FAMILY_FILE).read_text())["family"] == family
     fresh = DiffusionPipeline.from_pretrained(tiny_dirs[family])
     kw = _seq_len_kwargs(adapter)
@@ -150,7 +168,7 @@ def test_saved_lora_loads_into_fresh_pipeline(trained, tiny_dirs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_load_lora_reproduces_output(trained, tiny_dirs, family):
-    adapter, _, _, lora_dir = trained[family]
+    adapter, _, _, lora_dir, _ = trained[family]
     fresh = load_adapter(tiny_dirs[family])
     fresh.load_lora(lora_dir)
     with torch.no_grad():

@@ -60,17 +60,11 @@ def _initial_lora(world, method: str, out: Path) -> dict[str, torch.Tensor]:
     from zr_diffusion.config import load_config
     from zr_diffusion.reward.config import TrainRewardConfig
     from zr_diffusion.reward.policy import setup_policy
+    from zr_diffusion.training import make_accelerator
 
     cfg = load_config(TrainRewardConfig, CONFIGS / f"{method}_tiny.yaml", _args(world, method, out)[3:])
 
-    class _Acc:
-        device = torch.device("cpu")
-
-        @staticmethod
-        def print(*a, **k):
-            pass
-
-    state = setup_policy(cfg, _Acc()).trainable_state()
+    state = setup_policy(cfg, make_accelerator(cfg.run)).trainable_state()
     return {k.replace(".default", ""): v for k, v in state.items()}
 
 
@@ -260,17 +254,11 @@ def test_peft_policy_scorer_matches_the_saved_merged_model(world, tmp_path):
     from zr_diffusion.reward.model import ZRewardModel
     from zr_diffusion.reward.policy import save_reward_model, setup_policy
     from zr_diffusion.reward.scoring import student_score_logits
+    from zr_diffusion.training import make_accelerator
 
     cfg = load_config(TrainRewardConfig, CONFIGS / "sft_tiny.yaml", _args(world, "sft", tmp_path)[3:])
 
-    class _Acc:
-        device = torch.device("cpu")
-
-        @staticmethod
-        def print(*a, **k):
-            pass
-
-    policy = setup_policy(cfg, _Acc())
+    policy = setup_policy(cfg, make_accelerator(cfg.run))
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
