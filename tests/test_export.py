@@ -207,6 +207,12 @@ def test_model_card_reads_run_config_validation_and_gsb(exported, tmp_path):
         "judge": {"kind": "clipscore", "path": "clip"},
     }
     (run / "eval" / "gsb.json").write_text(json.dumps(gsb))
+    beside = run.parent / "eval-beside"  # a folder beside the run: found when lora_a resolves to the LoRA
+    beside.mkdir()
+    (beside / "gsb.json").write_text(json.dumps({**gsb, "label_a": "tuned-beside", "gsb": 0.75}))
+    loose = run.parent / "eval-loose"  # only the last two parts match: another run's LoRA, not found
+    loose.mkdir()
+    (loose / "gsb.json").write_text(json.dumps({**gsb, "lora_a": "elsewhere/run-a/lora", "gsb": -0.25}))
     (run / "other").mkdir()
     (run / "other" / "gsb.json").write_text(json.dumps({**gsb, "lora_a": str(dirs["b"]), "gsb": -0.5}))
     card = render_card(str(dirs["base"]), "sd", [str(dirs["a"])], lora_only=False, dtype="float32")
@@ -216,7 +222,11 @@ def test_model_card_reads_run_config_validation_and_gsb(exported, tmp_path):
     assert "- steps: 300 (batch size 4, lr 0.0001), LoRA rank 4, alpha 8" in card
     assert "| step | reward |" in card and "| 20 | 3.5 |" in card
     assert '- selection: {"step": 10, "by": "judge/clip"}' in card
-    assert "GSB tuned vs base: 0.25 (G 2, S 1, B 1; 4 items" in card and "-0.5" not in card
+    assert (
+        "GSB tuned vs base: +25.0% (G 2, S 1, B 1; 4 items" in card
+        and "GSB tuned-beside vs base: +75.0%" in card
+    )
+    assert "-50.0%" not in card and "-25.0%" not in card
 
 
 def _args(base, out, *loras):

@@ -185,7 +185,8 @@ def export_pipeline(
 
     adapter = _load_base(pipeline, device)
     fuse_loras(adapter, loras)
-    adapter.pipe.to(DTYPES[dtype])
+    if dtype != "float32":
+        adapter.pipe.to(DTYPES[dtype])
     card = render_card(pipeline, adapter.family, loras, lora_only=False, dtype=dtype)
 
     def write(tmp: Path) -> None:

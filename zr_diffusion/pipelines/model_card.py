@@ -6,8 +6,9 @@ recipes leave beside a LoRA folder ``RUN/<lora>``:
 - ``RUN/config.yaml``: the run's config (``zr finetune-t2i`` or ``zr train-t2i-sft``): reward
   model(s), dimensions and weights, steps, sampler and regulariser;
 - ``RUN/metrics.json``: the validation entries and any other run notes (selection, warnings);
-- ``gsb.json`` of ``zr eval-t2i`` in the LoRA folder, in ``RUN`` or in a folder of ``RUN``, when
-  its ``lora_a`` or ``lora_b`` is this LoRA.
+- ``gsb.json`` of ``zr eval-t2i`` whose ``lora_a`` or ``lora_b`` is this LoRA: in the LoRA folder,
+  in ``RUN``, in a folder of ``RUN``, or in a folder beside ``RUN`` (``runs/eval-sd`` beside
+  ``runs/finetune-sd``).
 
 What is not there is said to be "none found"; nothing is guessed.
 """
@@ -43,23 +44,25 @@ def _read(path: Path, parse) -> Any:
         raise ValueError(f"{path}: cannot be read for the model card ({type(e).__name__}: {e})") from None
 
 
-def _same_folder(recorded: str | None, lora: Path) -> bool:
+def _names(recorded: str | None, lora: Path, loose: bool) -> bool:
+    """Does a LoRA path recorded by ``zr eval-t2i`` name ``lora``? ``loose``: also when its last two
+    parts match (a relative path recorded from another working folder)."""
     if not recorded:
         return False
     path = Path(recorded)
-    return path.resolve() == lora.resolve() or path.parts[-2:] == lora.resolve().parts[-2:]
+    return path.resolve() == lora.resolve() or (loose and path.parts[-2:] == lora.resolve().parts[-2:])
 
 
 def find_gsb(lora: Path) -> list[tuple[Path, dict]]:
-    """gsb.json files beside ``lora`` (in it, its run folder, or a folder of the run) that compare it."""
+    """gsb.json files that compare ``lora``: in it, in its run folder or a folder of the run, or in a
+    folder beside the run (there only when the recorded path resolves to ``lora``)."""
     run = lora.parent
-    candidates = [lora / "gsb.json", run / "gsb.json", *sorted(run.glob("*/gsb.json"))]
+    inside = [lora / "gsb.json", run / "gsb.json", *sorted(run.glob("*/gsb.json"))]
+    beside = sorted(p for p in run.parent.glob("*/gsb.json") if p.parent != run)
     found = []
-    for path in dict.fromkeys(candidates):
+    for path, loose in [*((p, True) for p in dict.fromkeys(inside)), *((p, False) for p in beside)]:
         data = _read(path, json.loads)
-        if isinstance(data, dict) and (
-            _same_folder(data.get("lora_a"), lora) or _same_folder(data.get("lora_b"), lora)
-        ):
+        if isinstance(data, dict) and any(_names(data.get(k), lora, loose) for k in ("lora_a", "lora_b")):
             found.append((path, data))
     return found
 
@@ -102,7 +105,8 @@ def _training_lines(config: dict | None) -> list[str]:
         weights = weights or [1.0] * len(dims)
         lines.append("- dimensions and weights: " + ", ".join(f"{d} {w:g}" for d, w in zip(dims, weights)))
         sampler = config.get("sampler", {})
-        lines.append("- sampler: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sampler.items() if v is not None))
+        shown = {k: v for k, v in sampler.items() if v is not None and not k.startswith("checkpoint_")}
+        lines.append("- sampler: " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
         reg = config.get("reg_weight", 0)
         lines.append(
             f"- regulariser: L2 of the LoRA's denoiser output to the base's, weight {_fmt(reg)}"
@@ -143,10 +147,10 @@ def _validation_lines(metrics: dict | None) -> list[str]:
             "| step | " + " | ".join(cols) + " |",
             "|---|" + "---|" * len(cols),
             *(f"| {e.get('step')} | " + " | ".join(_fmt(e.get(c, "")) for c in cols) + " |" for e in entries),
-            "",
         ]
     notes = {k: v for k, v in metrics.items() if k not in ("train", "validation", "final", "lora")}
-    lines += [f"- {k}: {_fmt(v)}" for k, v in notes.items()]
+    if notes:  # selection, warnings: whatever else the run recorded
+        lines += ["", *(f"- {k}: {_fmt(v)}" for k, v in notes.items())]
     return lines
 
 
@@ -157,7 +161,7 @@ def _gsb_lines(found: list[tuple[Path, dict]]) -> list[str]:
     for path, g in found:
         judge = g.get("judge", {})
         lines.append(
-            f"- GSB {g.get('label_a')} vs {g.get('label_b')}: {_fmt(g.get('gsb'))} "
+            f"- GSB {g.get('label_a')} vs {g.get('label_b')}: {g.get('gsb', float('nan')):+.1%} "
             f"(G {g.get('good')}, S {g.get('same')}, B {g.get('bad')}; {g.get('n_items')} items; judge "
             f"{judge.get('kind')} `{judge.get('path')}`; `{path}`)"
         )
