@@ -262,6 +262,14 @@ def test_export_errors_name_the_lora(exported, tmp_path, capsys):
     save_file(state, broken / LORA_WEIGHT_NAME)
     assert main(_args(sd["base"], tmp_path / "x", broken)) == 2
     assert "incompatible ranks" in capsys.readouterr().err
+    # a module the base does not have
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    state = load_file(sd["a"] / LORA_WEIGHT_NAME)
+    state = {k.replace(".to_q.", ".to_qq.", 1) if ".attn1.to_q." in k else k: v for k, v in state.items()}
+    save_file(state, renamed / LORA_WEIGHT_NAME)
+    assert main(_args(sd["base"], tmp_path / "x", renamed)) == 2
+    assert "which the base sd denoiser does not have (incompatible targets" in capsys.readouterr().err
     # a LoRA of the same family but a wider model
     wide = make_tiny_t2i(tmp_path / "wide", "sd", channels=16)
     wide_lora = _random_lora(wide, tmp_path / "wide-lora", rank=2, alpha=2.0, seed=3)
