@@ -99,8 +99,13 @@ def test_rerun_skips_existing_and_redoes_a_missing_image(world, tmp_path, capsys
     original = load_image(folder / "images" / "p00001-s0.png")
     (folder / "images" / "p00001-s0.png").unlink()
     capsys.readouterr()
-    assert main([*_sample_args(world["pipeline"], world["prompts"], folder), "--tag", "sd-base"]) == 0
-    assert "1 generated, 3 skipped" in capsys.readouterr().out
+    args = [*_sample_args(world["pipeline"], world["prompts"], folder), "--tag", "sd-base"]
+    assert main([a for a in args if a != "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "1 generated, 3 skipped" in out.out
+    assert (
+        "sample:  75%" in out.err and "sample: 100%" in out.err and "4/4" in out.err
+    )  # the bar starts at 3 done
     after = {p.name: p.stat().st_mtime_ns for p in (folder / "images").iterdir()}
     assert {k for k in after if after[k] != before[k]} == {"p00001-s0.png"}
     # its noise depends on its seed only (here drawn in a batch of 1, first in a batch of 4)
