@@ -202,6 +202,69 @@ def _gsb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-b", default="baseline", help="name of model B in the table")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, help="base diffusers pipeline folder or hub id")
+    p.add_argument(
+        "--lora", action="append", required=True, help="LoRA folder; repeat to fuse several, in order"
+    )
+    p.add_argument("--out", required=True, help="output folder (replaced whole)")
+    p.add_argument(
+        "--lora-only", action="store_true", help="write one merged LoRA folder instead of a full pipeline"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the saved weights",
+    )
+    p.add_argument("--device", default="cpu", help="device to fuse on (cpu | cuda)")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, help="diffusers pipeline folder or hub id")
+    p.add_argument(
+        "--lora", action="append", default=[], help="LoRA folder; repeat to stack several, in order"
+    )
+    p.add_argument(
+        "--prompts", required=True, help='prompt file: .txt (one per line) or .jsonl ({"prompt": ...})'
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one image per prompt and seed")
+    p.add_argument("--out", required=True, help="output folder; a rerun continues in it")
+    p.add_argument("--tag", default="", help="model tag written into the records (default: pipeline+LoRAs)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="in the family's convention")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--negative-prompt", default=None, help="CFG families only (not Flux.1)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _annotate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="folder written by `zr sample` (its records.jsonl and images/)")
+    p.add_argument("--dimensions", nargs="+", default=None, help="rubric dimensions (default: all four)")
+    p.add_argument(
+        "--import",
+        dest="answers",
+        nargs="+",
+        metavar="ANSWERS.jsonl",
+        help="merge these downloaded files (one per annotator) into scored records instead",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="page (default DIR/annotate.html) or, with --import, records file "
+        "(default DIR/annotations.jsonl)",
+    )
+    p.add_argument(
+        "--link-images",
+        action="store_true",
+        help="link the images instead of embedding them (page stays in DIR)",
+    )
+
+
 def lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
     """A command whose implementation lives in ``module:function`` and is imported when it runs."""
     return lambda args: _import(target)(args)
@@ -245,6 +308,21 @@ COMMANDS: dict[str, Command] = {
         "GSB of two generators (base or LoRA A vs LoRA B) with a judge; writes the review page",
         _recipe_args,
         recipe("zr_diffusion.pipelines.config:EvalT2IConfig", "zr_diffusion.pipelines.evaluate:evaluate_t2i"),
+    ),
+    "export": Command(
+        "fuse LoRAs into a shippable diffusers pipeline folder (or one LoRA) with a model card",
+        _export_args,
+        lazy("zr_diffusion.pipelines.export:cli_run"),
+    ),
+    "sample": Command(
+        "images of a pipeline (plus LoRAs) per prompt and seed, for annotation; resumable",
+        _sample_args,
+        lazy("zr_diffusion.sample:cli_run"),
+    ),
+    "annotate": Command(
+        "write the HTML page where people score sampled images per rubric dimension, or import its answers",
+        _annotate_args,
+        lazy("zr_diffusion.annotate:cli_run"),
     ),
     "make-tiny-t2i": Command(
         "write a tiny offline diffusers pipeline to try the t2i commands on",

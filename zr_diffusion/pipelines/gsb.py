@@ -131,8 +131,8 @@ def _png_bytes(image: torch.Tensor) -> bytes:
 
 _CSS = """body{font-family:sans-serif;margin:2em auto;max-width:1100px}
 .item{border-top:1px solid #ccc;padding:1em 0}.prompt{font-size:1.1em;margin-bottom:.5em}
-.pair{display:flex;gap:1em}.pair figure{margin:0;text-align:center}
-.pair img{max-width:512px;width:100%;image-rendering:auto}
+.pair{display:flex;gap:1em}.pair figure{margin:0;text-align:center;flex:1 1 0;max-width:512px}
+.pair img{width:100%;image-rendering:pixelated}
 .choice label{margin-right:1.5em}#bar{position:sticky;top:0;background:#fff;padding:.5em 0}"""
 
 # Reads the radio buttons, keeps progress in localStorage (per page id), downloads the answers JSON.

@@ -265,11 +265,10 @@ def merge_lora(pipeline: str | Path, lora: str | Path, out_dir: str | Path) -> P
     """Save ``pipeline`` with the LoRA at ``lora`` fused into its denoiser as a new pipeline folder
     (so that a second LoRA can be trained on top of the first, as the paper tunes its SFT model)."""
     from zr_diffusion.pipelines.adapters import load_adapter
+    from zr_diffusion.pipelines.export import fuse_loras
 
     adapter = load_adapter(pipeline)
-    adapter.load_lora(lora)
-    adapter.pipe.fuse_lora()
-    adapter.pipe.unload_lora_weights()
+    fuse_loras(adapter, [lora])
     return write_dir_atomically(
         out_dir, lambda tmp: adapter.pipe.save_pretrained(tmp, safe_serialization=True)
     )
