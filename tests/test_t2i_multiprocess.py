@@ -94,7 +94,7 @@ def test_two_processes_hold_the_same_lora_and_log_the_mean(tmp_path, pipeline):
     for k in rank0:
         torch.testing.assert_close(rank1[k], rank0[k], rtol=0, atol=0)
     assert max(v.abs().max() for k, v in rank0.items() if "lora_B" in k) > 0  # the LoRA moved
-    saved = load_file(out / "lora" / LORA_WEIGHT_NAME)  # diffusers names: transformer.<module>.lora_A.weight
+    saved = load_file(out / "final" / LORA_WEIGHT_NAME)  # diffusers names: transformer.<module>.lora_A.weight
     assert {f"transformer.{k.replace('.default', '')}" for k in rank0} == set(saved)
     for k, v in rank0.items():
         torch.testing.assert_close(saved[f"transformer.{k.replace('.default', '')}"], v)

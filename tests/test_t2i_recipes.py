@@ -259,7 +259,7 @@ def test_validation_grid_reward_per_dimension_and_judges_with_standard_errors(sd
 
 
 def test_saved_lora_loads_into_a_fresh_pipeline_and_changes_its_output(tiny, sd_run):
-    lora = sd_run["out"] / "lora"
+    lora = sd_run["out"] / "final"
     assert (lora / LORA_WEIGHT_NAME).is_file()
     pipe = DiffusionPipeline.from_pretrained(str(tiny["sd"]))
     pipe.set_progress_bar_config(disable=True)
@@ -323,7 +323,7 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tiny, zimage_run):
         )
         == 0
     )
-    whole, resumed = (load_file(d / "lora" / LORA_WEIGHT_NAME) for d in (zimage_run, out))
+    whole, resumed = (load_file(d / "final" / LORA_WEIGHT_NAME) for d in (zimage_run, out))
     assert whole.keys() == resumed.keys()
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6)
@@ -355,7 +355,7 @@ def test_train_t2i_sft_on_scored_and_minimal_records(tiny):
     assert main(args) == 0
     metrics = _metrics(out)
     assert len(metrics["train"]) == 2 and all(math.isfinite(e["loss"]) for e in metrics["train"])
-    assert (out / "lora" / LORA_WEIGHT_NAME).is_file()
+    assert (out / "final" / LORA_WEIGHT_NAME).is_file()
     kept = sft.load_sft_examples(tiny["scored"], min_score=3.0)
     assert [e.prompt for e in kept] == PROMPTS[2:]  # means 1.5, 2.5, 3.5, 4.5 over two dimensions
     out = tiny["root"] / "sft-zimage"
@@ -368,7 +368,7 @@ def test_train_t2i_sft_on_scored_and_minimal_records(tiny):
         *FAST,
     ]
     assert main(args) == 0
-    assert (out / "lora" / LORA_WEIGHT_NAME).is_file()
+    assert (out / "final" / LORA_WEIGHT_NAME).is_file()
 
 
 # ---- eval-t2i --------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def _eval_args(tiny, out: Path, *extra: str) -> list[str]:
 
 def test_eval_t2i_writes_gsb_report_and_review_page(tiny, sd_run, capsys):
     out = tiny["root"] / "eval"
-    assert main(_eval_args(tiny, out, f"lora_a={sd_run['out'] / 'lora'}", "seeds=[0, 1]")) == 0
+    assert main(_eval_args(tiny, out, f"lora_a={sd_run['out'] / 'final'}", "seeds=[0, 1]")) == 0
     summary = json.loads((out / "gsb.json").read_text())
     assert summary["n_items"] == 2 * len(PROMPTS) == len(summary["items"])
     assert summary["good"] + summary["same"] + summary["bad"] == summary["n_items"]
@@ -431,7 +431,7 @@ def test_missing_lora_folder_stops(tiny, capsys):
 
 
 def test_lora_of_another_family_stops(tiny, zimage_run, capsys):
-    args = _eval_args(tiny, tiny["root"] / "eval-family", f"lora_a={zimage_run / 'lora'}")
+    args = _eval_args(tiny, tiny["root"] / "eval-family", f"lora_a={zimage_run / 'final'}")
     _fails(args, capsys, "lora_a", "'zimage'", "'sd'")
 
 

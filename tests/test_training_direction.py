@@ -147,7 +147,7 @@ def test_finetune_t2i_step_loss_is_minus_the_reward_of_its_own_images(t2i, famil
     before = _step0_reward(adapter, reward, cfg)
     assert row["reward"] == pytest.approx(before, abs=2e-6)
     assert row["loss"] == pytest.approx(-before, abs=2e-6)
-    adapter.load_lora(out / "lora")
+    adapter.load_lora(out / "final")
     after = _step0_reward(adapter, reward, cfg)
     assert after > before + 1e-4, f"one reward-gradient step lowered the batch's reward: {before} -> {after}"
 
@@ -167,7 +167,7 @@ def test_finetune_t2i_raises_the_reward_on_the_training_prompts(t2i, family):
     first, val = metrics["validation"]  # step 0 (the base) and the end
     assert (first["step"], val["step"]) == (0, 4)
     assert first["reward"] == pytest.approx(_validation_reward(adapter, reward, cfg), abs=2e-6)
-    adapter.load_lora(out / "lora")
+    adapter.load_lora(out / "final")
     assert val["reward"] == pytest.approx(_validation_reward(adapter, reward, cfg), abs=2e-6)
     assert val["reward"] > first["reward"] + 5e-5, (
         f"validation reward did not rise: {first['reward']} -> {val['reward']}"

@@ -101,7 +101,7 @@ def plain_two_steps(tiny):  # noqa: F811
     """The LoRA after 2 steps of the same training, without validation."""
     out = tiny["root"] / "plain-2-steps"
     assert main(_finetune_args(tiny, "zimage", out, 2, "validation.enabled=false")) == 0
-    return load_file(out / "lora" / LORA_WEIGHT_NAME)
+    return load_file(out / "final" / LORA_WEIGHT_NAME)
 
 
 def _assert_same_lora(a: dict, b: dict) -> None:
@@ -145,7 +145,7 @@ def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, pl
     # best/ is the LoRA after exactly 2 steps: an unvalidated 2-step run ends with the same weights
     best = load_file(out / "best" / LORA_WEIGHT_NAME)
     _assert_same_lora(best, plain_two_steps)
-    final = load_file(out / "lora" / LORA_WEIGHT_NAME)  # the stop step's LoRA, not the best one
+    final = load_file(out / "final" / LORA_WEIGHT_NAME)  # the stop step's LoRA, not the best one
     assert any(not torch.equal(final[k], best[k]) for k in best)
 
 

@@ -225,13 +225,16 @@ def start_lora_run(accelerator, adapter: T2IAdapter, params, cfg, name: str) -> 
     return LoraRun(optimizer, scheduler, start, History(out_dir / "metrics.json", start))
 
 
+FINAL_LORA = "final"  # the last step's LoRA; validation's best/ sits beside it
+
+
 def save_lora_checkpoint(
     accelerator, adapter: T2IAdapter, history: History, out_dir: Path, step: int, keep: int
 ) -> None:
     """The resumable state of ``step`` plus the LoRA (diffusers format) and the run records so far."""
     save_checkpoint(accelerator, out_dir, step, keep=keep)
     if accelerator.is_main_process:
-        adapter.save_lora(out_dir / "lora")
+        adapter.save_lora(out_dir / FINAL_LORA)
         history.write()
     accelerator.wait_for_everyone()
 
@@ -402,7 +405,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
         dump_rank_lora(adapter, accelerator, out_dir)
     if accelerator.is_main_process:
         summary = validator.summary() if validator is not None else {}
-        history.write(final=final, lora=str(out_dir / "lora"), **summary)
+        history.write(final=final, lora=str(out_dir / FINAL_LORA), **summary)
         accelerator.print(
             f"finetune-t2i: LoRA in {out_dir / 'lora'}, metrics in {out_dir / 'metrics.json'}, "
             f"checkpoints in {out_dir / 'checkpoints'}, validation grids in {out_dir / 'validation'}"

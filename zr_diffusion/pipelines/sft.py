@@ -26,6 +26,7 @@ from zr_diffusion.data import DataError, load_image, load_records
 from zr_diffusion.pipelines.base import T2IAdapter
 from zr_diffusion.pipelines.config import micro_batch_size
 from zr_diffusion.pipelines.reward_finetune import (
+    FINAL_LORA,
     add_lora,
     check_finite_everywhere,
     load_t2i_adapter,
@@ -290,9 +291,9 @@ def train_t2i_sft(cfg: SFTT2IConfig) -> dict:
     # -- save and clean up
     final = history.data["train"][-1] if history.data["train"] else {}
     if accelerator.is_main_process:
-        history.write(final=final, lora=str(out_dir / "lora"))
+        history.write(final=final, lora=str(out_dir / FINAL_LORA))
         accelerator.print(
-            f"train-t2i-sft: LoRA in {out_dir / 'lora'}, metrics in {out_dir / 'metrics.json'}, "
+            f"train-t2i-sft: LoRA in {out_dir / FINAL_LORA}, metrics in {out_dir / 'metrics.json'}, "
             f"checkpoints in {out_dir / 'checkpoints'}"
         )
     accelerator.wait_for_everyone()

@@ -75,7 +75,7 @@ def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
     all_examples = load_sft_examples(sft_cfg.records)
     final = train_t2i_sft(sft_cfg)
     return {
-        "lora": str(folder / "lora"),
+        "lora": str(folder / "final"),
         "examples": len(examples),
         "candidate_images": len(all_examples),
         "min_score": sft_cfg.min_score,
@@ -108,7 +108,7 @@ def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_mo
     train = metrics.get("train", [])
     return {
         "pipeline": str(sft_pipeline),
-        "lora": str(folder / "lora"),
+        "lora": str(folder / "final"),
         "reward_first": train[0]["reward"] if train else None,
         "reward_last": final.get("reward"),
         "train_metrics": str(folder / "metrics.json"),
