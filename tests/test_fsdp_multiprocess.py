@@ -1,0 +1,119 @@
+"""The reward recipes under FSDP2 (``fully_shard``) on two CPU processes (gloo), launched with
+``configs/accelerate/cpu_2proc_fsdp.yaml``: the sharded run takes the same steps as DDP (teacher,
+GDSO) and as one process (student, RISD), and checkpoints hold whole tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests._launch import launch_two_processes
+from tests._vlm_fixtures import tiny_vlm_dir
+from zr_diffusion.cli import main
+from zr_diffusion.reward.tiny_data import write_tiny_records
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP = "cpu_2proc_fsdp.yaml"
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = _adapter(a), _adapter(b)
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+    assert any(v.abs().max() > 0 for k, v in wa.items() if "lora_B" in k)  # trained
+    la = [r["loss"] for r in json.loads((a / "metrics.json").read_text())["train"]]
+    lb = [r["loss"] for r in json.loads((b / "metrics.json").read_text())["train"]]
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
+
+
+def test_gdso_fsdp_takes_the_ddp_steps_and_checkpoints_whole_tensors(tmp_path):
+    """Rollouts (``generate`` with synced_gpus), π_ref swapped into the shards, vision pass outside
+    the root's forward, the chunked LM head: the same weights and losses as DDP."""
+    from tests.test_gdso import write_pair_records
+    from zr_diffusion.vlm.tiny import make_tiny_vlm
+
+    model = make_tiny_vlm(tmp_path / "model", "qwen3_5")
+    train = write_pair_records(tmp_path / "data")
+    args = [
+        *("train-reward", "--config", str(ROOT / "configs/reward/gdso_tiny.yaml")),
+        *(f"model={model}", f"data.train={train}", f"data.eval={train}"),
+        *("gdso.iterations=1", "gdso.steps_per_iteration=1", "gdso.updates_per_batch=2", "run.max_steps=2"),
+        "run.save_every=2",
+    ]
+    runs = {}
+    for name, config in (("fsdp", FSDP), ("ddp", "cpu_2proc.yaml")):
+        runs[name] = tmp_path / name
+        proc = launch_two_processes(*args, f"run.output_dir={runs[name]}", config=config)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        metrics = json.loads((runs[name] / "metrics.json").read_text())
+        assert metrics["processes"] == 2 and metrics["fsdp"] == (name == "fsdp")
+    _assert_same_run(runs["fsdp"], runs["ddp"])
+
+    # the checkpoint's trainable state is whole (gathered from both ranks' shards), not rank 0's shard
+    state = torch.load(
+        runs["fsdp"] / "checkpoints" / "step-0000002" / "custom_checkpoint_1.pkl", weights_only=False
+    )
+    adapter = _adapter(runs["fsdp"])
+    assert {k.replace(".default", "") for k in state["weights"]} == set(adapter)
+    for name, value in state["weights"].items():
+        torch.testing.assert_close(value, adapter[name.replace(".default", "")])
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert len(moments) == len(adapter)
+    assert sorted(m.shape for m in moments) == sorted(v.shape for v in adapter.values())
+
+
+def test_risd_fsdp_two_processes_equal_one_process(tmp_path):
+    train, evaluation = write_tiny_records(tmp_path / "data", per_prompt=2, eval_per_prompt=2)
+    common = [
+        *("--config", str(ROOT / "configs" / "reward" / "risd_tiny.yaml")),
+        f"model={tiny_vlm_dir('qwen2_vl')}",
+        f"distill.teacher={tiny_vlm_dir('qwen2_vl', seed=1)}",
+        f"distill.cache_dir={tmp_path / 'teacher_cache'}",
+        *(f"data.train={train}", f"data.eval={evaluation}", "batch_size=4", "run.max_steps=2"),
+        *("run.eval_every=0", "run.save_every=0", "run.tensorboard=false", "run.progress=false"),
+        *("rollout.max_new_tokens=4", "distill.teacher_rollouts=1"),
+    ]
+    two = tmp_path / "two"
+    proc = launch_two_processes("train-reward", *common, f"run.output_dir={two}", config=FSDP)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert json.loads((two / "metrics.json").read_text())["fsdp"] is True
+    one = tmp_path / "one"
+    torch.set_num_threads(1)
+    assert main(["train-reward", *common, f"run.output_dir={one}"]) == 0  # reuses the teacher cache
+    _assert_same_run(two, one)
+
+
+class _Accelerator:
+    """The attributes of an ``accelerate.Accelerator`` that the sharding helpers read."""
+
+    def __init__(self, distributed_type: str, num_processes: int, fsdp_plugin=None):
+        from types import SimpleNamespace
+
+        self.distributed_type, self.num_processes = distributed_type, num_processes
+        self.state = SimpleNamespace(fsdp_plugin=fsdp_plugin)
+
+
+def test_fsdp_is_used_when_asked_on_gpus_or_cpus_and_version_1_is_refused(monkeypatch):
+    import pytest
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from zr_diffusion.reward.sharding import fsdp_plugin, uses_fsdp
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert uses_fsdp(_Accelerator("DistributedType.FSDP", 2))
+    assert not uses_fsdp(_Accelerator("DistributedType.MULTI_CPU", 2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config, on CPUs
+    assert uses_fsdp(_Accelerator("DistributedType.MULTI_CPU", 2))
+    assert not uses_fsdp(_Accelerator("DistributedType.NO", 1))
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        fsdp_plugin(
+            _Accelerator("DistributedType.FSDP", 2, FullyShardedDataParallelPlugin(fsdp_version=1)), "no"
+        )
