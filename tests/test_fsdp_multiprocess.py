@@ -1,6 +1,6 @@
 """The reward recipes under FSDP2 (``fully_shard``) on two CPU processes (gloo), launched with
 ``configs/accelerate/cpu_2proc_fsdp.yaml``: the sharded run takes the same steps as DDP (teacher,
-GDSO) and as one process (student, RISD), and checkpoints hold whole tensors."""
+GDSO) and as one process (student, RISD, also across a resume), and checkpoints hold whole tensors."""
 
 from __future__ import annotations
 
@@ -70,25 +70,32 @@ def test_gdso_fsdp_takes_the_ddp_steps_and_checkpoints_whole_tensors(tmp_path):
     assert sorted(m.shape for m in moments) == sorted(v.shape for v in adapter.values())
 
 
-def test_risd_fsdp_two_processes_equal_one_process(tmp_path):
+def test_risd_fsdp_two_processes_resumed_equal_one_process(tmp_path):
+    """Two sharded steps, a checkpoint, a resumed run to step 4 (weights and Adam state restored from
+    whole tensors into the shards): the same weights and losses as one process running 4 steps."""
     train, evaluation = write_tiny_records(tmp_path / "data", per_prompt=2, eval_per_prompt=2)
     common = [
         *("--config", str(ROOT / "configs" / "reward" / "risd_tiny.yaml")),
         f"model={tiny_vlm_dir('qwen2_vl')}",
         f"distill.teacher={tiny_vlm_dir('qwen2_vl', seed=1)}",
         f"distill.cache_dir={tmp_path / 'teacher_cache'}",
-        *(f"data.train={train}", f"data.eval={evaluation}", "batch_size=4", "run.max_steps=2"),
-        *("run.eval_every=0", "run.save_every=0", "run.tensorboard=false", "run.progress=false"),
+        *(f"data.train={train}", f"data.eval={evaluation}", "batch_size=4", "run.save_every=2"),
+        *("run.eval_every=0", "run.tensorboard=false", "run.progress=false"),
         *("rollout.max_new_tokens=4", "distill.teacher_rollouts=1"),
     ]
     two = tmp_path / "two"
-    proc = launch_two_processes("train-reward", *common, f"run.output_dir={two}", config=FSDP)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert json.loads((two / "metrics.json").read_text())["fsdp"] is True
+    for steps, resume in ((2, "false"), (4, "true")):
+        proc = launch_two_processes(
+            "train-reward", *common, f"run.output_dir={two}", f"run.max_steps={steps}", f"resume={resume}",
+            config=FSDP,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "resumed from" in proc.stdout and json.loads((two / "metrics.json").read_text())["fsdp"] is True
     one = tmp_path / "one"
     torch.set_num_threads(1)
-    assert main(["train-reward", *common, f"run.output_dir={one}"]) == 0  # reuses the teacher cache
+    assert main(["train-reward", *common, f"run.output_dir={one}", "run.max_steps=4"]) == 0  # same cache
     _assert_same_run(two, one)
+    assert [r["step"] for r in json.loads((two / "metrics.json").read_text())["train"]] == [1, 2, 3, 4]
 
 
 class _Accelerator:
