@@ -17,11 +17,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(*zr_args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m zr_diffusion.cli ARGS``."""
+def launch_two_processes(
+    *zr_args: str, timeout: int = 600, config: str = "cpu_2proc.yaml"
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/CONFIG -m zr_diffusion.cli ARGS``."""
     cmd = [
         *(sys.executable, "-m", "accelerate.commands.launch"),
-        *("--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml")),
+        *("--config_file", str(ROOT / "configs/accelerate" / config)),
         *("--num_processes", "2", "--main_process_port", str(free_port())),
         *("-m", "zr_diffusion.cli", *zr_args),
     ]

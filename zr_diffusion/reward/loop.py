@@ -7,7 +7,10 @@ accumulation, clipping, logging, evaluation, checkpoints and the final save.
 
 Under DDP the step's loss is the mean over the rank's records, DDP averages across ranks, so equal
 shards give the global-batch mean: two processes take the same step as one process with the same
-global batch.
+global batch. Under FSDP2 (:mod:`zr_diffusion.reward.sharding`) the policy is sharded in place
+before the optimizer is built, gradients are reduce-scattered to the same mean, evaluation runs on
+every rank (its forwards are collectives) and checkpoints hold whole trainable weights and optimizer
+state (:class:`~zr_diffusion.reward.sharding.ShardedTrainState`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ if TYPE_CHECKING:
 
 from zr_diffusion.reward.policy import Policy, PreparedVLM, save_reward_model
 from zr_diffusion.reward.scoring import EvalFn
+from zr_diffusion.reward.sharding import (
+    ShardedTrainState,
+    fsdp_plugin,
+    full_tensor,
+    gathered,
+    shard_policy,
+    uses_fsdp,
+)
 
 StepFn = Callable[[int, list[int]], dict[str, torch.Tensor]]
 
@@ -189,19 +200,20 @@ def run_training(
         )
     if num_examples < 1:
         raise ValueError("the training set is empty")
-    if str(accelerator.distributed_type).endswith("FSDP"):
-        raise ValueError(
-            "the reward recipes do not run under FSDP: VLMScorer runs the vision tower outside the "
-            "wrapped forward (one vision pass for all dimensions), where FSDP's parameters are still "
-            "sharded; launch with configs/accelerate/ddp.yaml (LoRA) instead"
-        )
+    sharded = uses_fsdp(accelerator)
+    if sharded:  # before the optimizer: it must hold the sharded parameters
+        shard_policy(policy, fsdp_plugin(accelerator, run.mixed_precision))
 
     optimizer = build_optimizer(policy.params, cfg.optim)
     # The scheduler is not prepared: accelerate would step it once per process per optimizer step.
     scheduler = build_scheduler(optimizer, cfg.optim, run.max_steps)
-    prepared, optimizer = accelerator.prepare(policy.model, optimizer)
+    if sharded:  # sharded in place; accelerate's prepare would wrap it again (DDP on CPUs)
+        prepared = policy.model
+        accelerator.register_for_checkpointing(ShardedTrainState(policy.model, optimizer))
+    else:
+        prepared, optimizer = accelerator.prepare(policy.model, optimizer)
+        _register_trainable_checkpointing(accelerator, policy)
     accelerator.register_for_checkpointing(scheduler)
-    _register_trainable_checkpointing(accelerator, policy)
     if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
         # The VLM's buffers are constants (rotary frequencies); syncing them in every forward would be
         # a collective that ranks with different numbers of forward passes (image-size groups) skip.
@@ -226,7 +238,7 @@ def run_training(
     def evaluate(step: int) -> None:
         if eval_fn is None:
             return
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or sharded:  # under FSDP every forward is a collective
             policy.model.eval()
             with torch.no_grad(), accelerator.autocast():
                 row = {k: float(v) for k, v in eval_fn(policy.plain_scorer, step).items()}
@@ -256,7 +268,11 @@ def run_training(
         for micro in range(run.grad_accum):
             batch = indices[micro * per_micro : (micro + 1) * per_micro]
             last = micro == run.grad_accum - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(prepared)
+            if sharded:  # FSDP2 accumulates unsharded gradients until the last micro-batch
+                prepared.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(prepared)
             with sync:
                 with accelerator.autocast():
                     losses = step_fn(step, batch)
@@ -270,7 +286,11 @@ def run_training(
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / run.grad_accum
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
+            if sharded:  # the norm over every rank's shards (a DTensor)
+                norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
+                grad_norm = full_tensor(norm)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -302,10 +322,15 @@ def run_training(
     if last_saved != final:
         save_checkpoint(accelerator, out, final, keep=run.keep_checkpoints)
 
-    checksums = accelerator.gather(
-        torch.tensor([_checksum(policy.params)], dtype=torch.float64, device=accelerator.device)
-    ).tolist()
     model_dir = out / "model"
+    with gathered(policy.model):  # FSDP: the full weights on every rank, for the checksum and the save
+        trainable = [p for p in policy.model.parameters() if p.requires_grad]
+        checksums = accelerator.gather(
+            torch.tensor([_checksum(trainable)], dtype=torch.float64, device=accelerator.device)
+        ).tolist()
+        if accelerator.is_main_process:
+            save_reward_model(policy, model_dir)
+        accelerator.wait_for_everyone()
     metrics = {
         "method": cfg.method,
         "steps": final,
@@ -314,13 +339,13 @@ def run_training(
         "final": (history.train[-1] if history.train else {})
         | ({f"eval_{k}": v for k, v in history.eval[-1].items() if k != "step"} if history.eval else {}),
         "processes": world,
+        "fsdp": sharded,  # the policy was sharded with FSDP2 (fully_shard)
         "rank_weight_checksums": checksums,
         "model_dir": str(model_dir),
     }
     if len({round(c, 6) for c in checksums}) > 1:
         accelerator.print(f"warning: the processes ended with different weights (checksums {checksums})")
     if accelerator.is_main_process:
-        save_reward_model(policy, model_dir)
         atomic_write_json(metrics_path, metrics)
         accelerator.print(f"saved the reward model to {model_dir}")
     accelerator.wait_for_everyone()

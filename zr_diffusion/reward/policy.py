@@ -4,7 +4,8 @@ keeps the scorer's calls synced across processes, frozen teachers, and the final
 Multi-process (``accelerate launch``): the policy is prepared by accelerate (DDP wraps it), and the
 scorer's ``__call__`` path goes through that wrapper (:class:`PreparedVLM`), so gradients are
 all-reduced; vision-tower passes and ``generate`` use the unwrapped model directly (no trainable
-parameter of a frozen vision tower needs syncing).
+parameter of a frozen vision tower needs syncing). Under FSDP2 the model is sharded in place
+instead (:mod:`zr_diffusion.reward.sharding`) and every call, wrapped or not, gathers the units it uses.
 """
 
 from __future__ import annotations
@@ -186,6 +187,18 @@ def load_frozen(
 # the final model folder
 
 
+def held_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``module.state_dict()`` (parameters and persistent buffers), as the tensors its
+    sub-modules hold now: under FSDP2, inside :func:`zr_diffusion.reward.sharding.gathered`, the whole
+    parameters (``state_dict()`` itself would reshard them and return the shards)."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 def _merged_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
     """The VLM's state dict with every LoRA delta merged into its base weight, under the base names
     (as ``merge_and_unload`` would give), computed on the CPU without touching the policy."""
@@ -202,7 +215,7 @@ def _merged_state_dict(policy: Policy) -> dict[str, torch.Tensor]:
             if getattr(base, "bias", None) is not None:
                 out[f"{name}.bias"] = base.bias.detach().cpu()
             lora_prefixes.append(f"{name}.")
-    for key, value in policy.vlm.state_dict().items():
+    for key, value in held_state_dict(policy.vlm).items():
         prefix = next((p for p in lora_prefixes if key.startswith(p)), None)
         if prefix is None:
             out[key] = value.detach().cpu()
@@ -215,16 +228,18 @@ def save_reward_model(policy: Policy, out_dir: str | Path) -> Path:
     The folder loads with ``ZRewardModel.from_pretrained`` and ``load_vlm``: safetensors weights
     with LoRA merged in (the policy itself is left unmerged) plus the processor. Under LoRA the
     adapter alone is also saved in ``out_dir/adapter`` (peft format, ``PeftModel.from_pretrained``).
-    Call on the main process only.
+    Call on the main process only; under FSDP2 inside ``sharding.gathered`` (every rank).
     """
 
     def write(tmp: Path) -> None:
         if policy.lora:
             state = _merged_state_dict(policy)
             policy.vlm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            policy.model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            adapter = {k: v.detach().cpu() for k, v in held_state_dict(policy.model).items()}
+            policy.model.save_pretrained(tmp / "adapter", state_dict=adapter, safe_serialization=True)
         else:
-            policy.vlm.save_pretrained(tmp, safe_serialization=True)
+            state = {k: v.detach().cpu() for k, v in held_state_dict(policy.vlm).items()}
+            policy.vlm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         policy.processor.save_pretrained(tmp)
 
     return write_dir_atomically(out_dir, write)

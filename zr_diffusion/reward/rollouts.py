@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from zr_diffusion.data.records import PreferencePair, load_image
+from zr_diffusion.reward.sharding import full_tensor, placed_like
 from zr_diffusion.scores import ScoreGrid, score_distribution
 from zr_diffusion.vlm.readout import VLMScorer
 from zr_diffusion.vlm.reasoning import generate_reasoning
@@ -290,7 +291,8 @@ class ReferenceWeights:
     behind a disabled adapter is the reference only in the first iteration; this is right in every
     iteration.) The snapshot is part of the training state (``state_dict``), so a run resumed in the
     middle of an iteration keeps that iteration's reference. Works where each process holds its
-    trainable parameters whole or as its own shards (DDP, FSDP, ZeRO-1/2); not under ZeRO-3.
+    trainable parameters whole or as its own shards (DDP, FSDP2, ZeRO-1/2): under FSDP2 the snapshot
+    and the swap are per shard, between forwards (when the units hold their shards); not under ZeRO-3.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -328,11 +330,13 @@ class ReferenceWeights:
                     p.copy_(current[n])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: w.cpu() for n, w in self.weights.items()}
+        """Whole tensors (under FSDP gathered from every rank's shard: call on every rank)."""
+        return {n: full_tensor(w).cpu() for n, w in self.weights.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Whole tensors, each placed like its parameter (under FSDP: this rank's shard)."""
         params = self._params()
         missing = sorted(set(params) - set(state))
         if state and missing:
             raise ValueError(f"reference snapshot lacks trainable parameters {missing[:4]}")
-        self.weights = {n: state[n].to(device=params[n].device, dtype=params[n].dtype) for n in state}
+        self.weights = {n: placed_like(state[n], params[n]) for n in state}

@@ -17,6 +17,7 @@ import torch
 from zr_diffusion.data import ScoredRecord, load_image
 from zr_diffusion.scores import expected_score, gather_score_logits, score_distribution
 from zr_diffusion.vlm.readout import Mode, SuffixReadout, VLMScorer
+from zr_diffusion.vlm.reasoning import is_sharded
 
 if TYPE_CHECKING:
     pass
@@ -59,6 +60,19 @@ def group_images(
     ]
 
 
+def _scorer_groups(scorer: VLMScorer, records: Sequence[ScoredRecord]) -> list[ImageGroup]:
+    """:func:`group_images` on the scorer's device. A sharded model (FSDP2) runs one collective
+    forward per image size, so every rank must see one size: more is an error, not a hang."""
+    groups = group_images(records, scorer.device)
+    if len(groups) > 1 and is_sharded(scorer.model):
+        sizes = [tuple(g.images.shape[-2:]) for g in groups]
+        raise ValueError(
+            f"under FSDP every rank makes the same forward calls, one per image size, but this batch has "
+            f"images of {len(groups)} sizes {sizes}; resize the data to one size (or train with DDP)"
+        )
+    return groups
+
+
 def answer_logits(scorer: VLMScorer, records: Sequence[ScoredRecord], mode: Mode = "student") -> torch.Tensor:
     """Full-vocabulary logits at each record's answer position (right after its prompt): ``[B, V]``.
 
@@ -66,7 +80,7 @@ def answer_logits(scorer: VLMScorer, records: Sequence[ScoredRecord], mode: Mode
     per image size. Gradients flow to the trainable parameters.
     """
     out: list[torch.Tensor | None] = [None] * len(records)
-    for group in group_images(records, scorer.device):
+    for group in _scorer_groups(scorer, records):
         features = scorer.encode_images(group.images)
         recs = [records[p] for p in group.positions]
         batch = scorer.inputs.batch(
@@ -97,7 +111,7 @@ def record_suffix_readout(
     if len(suffixes) != len(records):
         raise ValueError(f"got {len(suffixes)} suffixes for {len(records)} records; give one per record")
     parts: list[tuple[list[int], SuffixReadout]] = []
-    for group in group_images(records, scorer.device):
+    for group in _scorer_groups(scorer, records):
         features = scorer.encode_images(group.images)
         recs = [records[p] for p in group.positions]
         readout = scorer.suffix_readout(
@@ -136,7 +150,7 @@ def teacher_rollouts(
     from zr_diffusion.vlm.reasoning import generate_reasoning
 
     out: list = [None] * len(records)
-    for group in group_images(records, scorer.device):
+    for group in _scorer_groups(scorer, records):
         features = scorer.encode_images(group.images)
         recs = [records[p] for p in group.positions]
         samples = generate_reasoning(

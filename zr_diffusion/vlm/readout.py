@@ -19,6 +19,7 @@ from PIL import Image
 from zr_diffusion.rubric import SCORE_MARKER, check_dimensions, student_instruction, teacher_instruction
 from zr_diffusion.scores import ScoreGrid, gather_score_logits
 from zr_diffusion.vlm.loading import SUPPORTED_FAMILIES, UnsupportedModelError
+from zr_diffusion.vlm.logprobs import DEFAULT_CHUNK, selected_logits
 from zr_diffusion.vlm.preprocess import VisionSpec, preprocess_images
 
 Mode = Literal["student", "teacher"]
@@ -204,6 +205,8 @@ class VLMScorer:
     answer position (right after the generation prompt), and for the teacher the end of the marker
     as a model writes it before the digit (``Score``, ``:``, `` `` in Qwen's BPE; :func:`marker_variants`).
     ``enable_thinking`` is passed to the chat template of the teacher prompt (see :class:`ScoringInputs`).
+    ``readout_chunk``: positions per LM-head call in :meth:`suffix_readout` (:func:`selected_logits`;
+    the full ``[N, T, V]`` logits are never held).
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class VLMScorer:
         grid: ScoreGrid | None = None,
         spec: VisionSpec | None = None,
         enable_thinking: bool = False,
+        readout_chunk: int = DEFAULT_CHUNK,
     ):
         self.family = model.config.model_type
         if self.family not in SUPPORTED_FAMILIES:
@@ -227,6 +231,7 @@ class VLMScorer:
         self.spec = spec if spec is not None else VisionSpec.from_processor(processor)
         self.inputs = ScoringInputs(processor, self.grid, self.spec, enable_thinking=enable_thinking)
         self.image_token_id = int(model.config.image_token_id)
+        self.readout_chunk = int(readout_chunk)
 
     @cached_property
     def marker_spellings(self) -> list[tuple[int, ...]]:
@@ -261,13 +266,8 @@ class VLMScorer:
         images = images.to(self.device)
         return self.image_features(*self.preprocess(images))
 
-    def forward_logits(
-        self, features: ImageFeatures, batch: ChatBatch, logits_to_keep: int = 1
-    ) -> torch.Tensor:
-        """Language-model logits of the last ``logits_to_keep`` positions: ``[N, K, V]``.
-
-        Sequence k shows image k of ``features`` (use :meth:`ImageFeatures.select` to share images).
-        """
+    def _lm_inputs(self, features: ImageFeatures, batch: ChatBatch) -> dict:
+        """The language model's keyword arguments for ``batch`` on ``features`` (M-RoPE positions)."""
         input_ids, attention_mask = batch.input_ids, batch.attention_mask
         if features.grid_thw.shape[0] != input_ids.shape[0]:
             raise ValueError(
@@ -281,15 +281,41 @@ class VLMScorer:
             image_grid_thw=features.grid_thw,
             attention_mask=attention_mask,
         )  # [3, N, L]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "mm_encoder_outputs": {"image": features.output},
+            "use_cache": False,
+        }
+
+    def forward_logits(
+        self, features: ImageFeatures, batch: ChatBatch, logits_to_keep: int = 1
+    ) -> torch.Tensor:
+        """Language-model logits of the last ``logits_to_keep`` positions: ``[N, K, V]``.
+
+        Sequence k shows image k of ``features`` (use :meth:`ImageFeatures.select` to share images).
+        For many positions use :meth:`forward_hidden` and :func:`selected_logits` instead.
+        """
+        return self.model(**self._lm_inputs(features, batch), logits_to_keep=logits_to_keep).logits
+
+    def forward_hidden(self, features: ImageFeatures, batch: ChatBatch, keep: int) -> torch.Tensor:
+        """Final (normed) hidden states of the last ``keep`` positions, ``[N, K, H]``: the LM head's input.
+
+        The model's own forward runs (through a prepared wrapper, so DDP syncs its gradients) with no
+        position kept for logits and only the last hidden state recorded.
+        """
+        device = batch.input_ids.device
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            mm_encoder_outputs={"image": features.output},
-            use_cache=False,
-            logits_to_keep=logits_to_keep,
+            **self._lm_inputs(features, batch),
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=device),
+            output_hidden_states=-1,
         )
-        return out.logits
+        return out.hidden_states[-1][:, batch.input_ids.shape[1] - keep :]
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
 
     def score_logits(
         self,
@@ -368,16 +394,19 @@ class VLMScorer:
                 )
         batch = self.inputs.batch(prompts, dims, features.size, mode, suffixes=suffix_ids, device=self.device)
         t = int(batch.suffix_lengths.max()) if n else 0
-        logits = self.forward_logits(features.select(image_index), batch, logits_to_keep=t + 1)  # [N, T+1, V]
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        log_norm = torch.logsumexp(logits, dim=-1)  # [N, T+1]
+        hidden = self.forward_hidden(features.select(image_index), batch, keep=t + 1)  # [N, T+1, H]
         targets = batch.input_ids[:, batch.input_ids.shape[1] - t :]  # [N, T], right-aligned suffixes
         positions = torch.arange(t, device=targets.device)
         token_mask = positions.unsqueeze(0) >= (t - batch.suffix_lengths).unsqueeze(1)  # [N, T]
-        token_logits = logits[:, :t].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
-        token_logprobs = (token_logits - log_norm[:, :t]) * token_mask
-        score_logits = gather_score_logits(logits[:, -1], self.token_ids)  # [N, S]
-        score_logprobs = score_logits - log_norm[:, -1:]
+        token_logits, token_norm = selected_logits(
+            self.lm_head, hidden[:, :t], targets.unsqueeze(-1), self.readout_chunk
+        )  # [N, T, 1], [N, T]
+        token_logprobs = (token_logits.squeeze(-1) - token_norm) * token_mask
+        score_ids = torch.tensor(self.token_ids, device=targets.device).expand(n, -1)  # [N, S]
+        score_logits, score_norm = selected_logits(
+            self.lm_head, hidden[:, -1], score_ids, self.readout_chunk
+        )  # [N, S], [N]
+        score_logprobs = score_logits - score_norm.unsqueeze(-1)
         return SuffixReadout(token_logprobs, token_mask, score_logits, score_logprobs)
 
     def __call__(

@@ -174,6 +174,7 @@ def generate_reasoning(
             [_MarkerStop(variants, prompt_length, scorer.tokenizer if thinking else None)]
         ),
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
+        synced_gpus=is_sharded(scorer.model),  # FSDP: every rank runs a forward until all are done
     )
     # an appended marker closes a still-open block first, as the templates' own empty block does
     closing = scorer.tokenizer.encode(f"\n{THINK_CLOSE}\n\n", add_special_tokens=False) if thinking else None
@@ -202,6 +203,13 @@ def generate_reasoning(
             )
         )
     return out
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model`` holds FSDP2 units, so that each forward is a collective of all ranks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 # generation_config fields that shape the distribution generate() samples from, at their neutral value
