@@ -134,7 +134,7 @@ def test_window_mode_gradient_reaches_every_window_step(adapter):
             out[0].register_hook(lambda g: reached.append(t))
 
     handle = adapter.denoiser.register_forward_hook(hook)
-    config = _config(T, mode="window", window=window, checkpoint_denoiser=False)
+    config = _config(T, mode="window", window=window, denoiser_checkpoint="none")
     out = sample(adapter, PROMPTS, config, seed=0)
     handle.remove()
     timesteps = [int(t) for t in adapter.timesteps]
@@ -158,11 +158,48 @@ def test_checkpointing_gives_the_same_gradients(adapter):
     plain = _lora_grads(
         adapter,
         sample(
-            adapter, PROMPTS, _config(4, checkpoint_denoiser=False, checkpoint_decoder=False, **kw), seed=0
+            adapter, PROMPTS, _config(4, denoiser_checkpoint="none", checkpoint_decoder=False, **kw), seed=0
         ).images,
     )
     ckpt = _lora_grads(adapter, sample(adapter, PROMPTS, _config(4, **kw), seed=0).images)
     for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["blocks", "none"])
+def test_denoiser_checkpoint_options_give_the_same_gradients(adapter, how):
+    """Per-block and no checkpointing against today's whole-call checkpoint, DRaFT-2 (two window steps)."""
+    base = _lora_grads(adapter, sample(adapter, PROMPTS, _config(4, draft_k=2), seed=0).images)
+    other = sample(adapter, PROMPTS, _config(4, draft_k=2, denoiser_checkpoint=how), seed=0)
+    for a, b in zip(base, _lora_grads(adapter, other.images)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_block_checkpointing_acts_in_eval_mode_inside_the_window_only(adapter):
+    """diffusers checks ``torch.is_grad_enabled()``, not ``self.training``: blocks are checkpointed in the
+    eval-mode denoiser during the grad step, never in the no-grad prefix, and the graph keeps less."""
+    calls: list[bool] = []
+    blocks = [m for m in adapter.denoiser.modules() if hasattr(m, "gradient_checkpointing")]
+    handles = [
+        b.register_forward_pre_hook(lambda m, a: calls.append(m.gradient_checkpointing)) for b in blocks
+    ]
+    assert not adapter.denoiser.training
+    sample(adapter, PROMPTS, _config(3, denoiser_checkpoint="blocks"), seed=0)
+    for h in handles:
+        h.remove()
+    assert adapter.denoiser.is_gradient_checkpointing and all(calls) and calls
+    kept = {how: _saved_bytes(adapter, _config(3, denoiser_checkpoint=how)) for how in ("none", "blocks")}
+    assert 0 < kept["blocks"] < kept["none"] / 2
+    sample(adapter, PROMPTS, _config(3, denoiser_checkpoint="call"), seed=0)
+    assert not adapter.denoiser.is_gradient_checkpointing, "another setting turns it off again"
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_decoding_one_image_at_a_time_gives_the_same_images_and_gradients(adapter, ckpt):
+    batch = sample(adapter, PROMPTS, _config(3, checkpoint_decoder=ckpt), seed=0)
+    single = sample(adapter, PROMPTS, _config(3, checkpoint_decoder=ckpt, decode_per_image=True), seed=0)
+    torch.testing.assert_close(batch.images, single.images, atol=1e-6, rtol=1e-5)
+    for a, b in zip(_lora_grads(adapter, batch.images), _lora_grads(adapter, single.images)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
@@ -179,7 +216,7 @@ def test_graph_memory_does_not_grow_with_num_steps(adapter):
     k1 = [_saved_bytes(adapter, _config(T)) for T in (3, 8)]
     assert k1[0] == k1[1] > 0
     full = [
-        _saved_bytes(adapter, _config(T, mode="window", window=(0, T - 1), checkpoint_denoiser=False))
+        _saved_bytes(adapter, _config(T, mode="window", window=(0, T - 1), denoiser_checkpoint="none"))
         for T in (3, 8)
     ]
     assert full[1] > 2 * full[0], "plain full backprop grows with T (the meter must see it)"
@@ -189,6 +226,7 @@ def test_graph_memory_does_not_grow_with_num_steps(adapter):
     ("kwargs", "message"),
     [
         ({"mode": "dpo"}, "mode must be one of"),
+        ({"denoiser_checkpoint": "layer"}, "denoiser_checkpoint must be one of"),
         ({"draft_k": 0}, "draft_k must be in 1..num_steps=4"),
         ({"draft_k": 5}, "draft_k must be in 1..num_steps=4"),
         ({"mode": "refl", "draft_lv": 1}, "draft_lv=1 needs mode='draft'"),

@@ -395,6 +395,8 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
         dtype=DTYPES[cfg.reward.dtype],
         device=device,
         trust_remote_code=cfg.reward.trust_remote_code,
+        max_pixels=cfg.reward.max_pixels,
+        checkpoint_layers=cfg.reward.checkpoint_layers,
     )
     judge = None
     if cfg.validation.enabled and cfg.validation.judge.path and accelerator.is_main_process:
