@@ -43,11 +43,11 @@ bench() {
 
 START=$(date +%s)
 bench 100 sd15-512 --size sd15 --device cuda --reward qwen2_vl_2b --reward-pixels 200704 \
-    --settings plain call blocks none img-dec vlm-ckpt budget ch-last compile fast lean --compile \
+    --settings plain call blocks none img-dec vlm-ckpt budget ch-last compile fast bf16-pre lean --compile \
     --full-settings call blocks
 if [ "$TINY" != 1 ]; then  # tiny mode: stage 1 stands for stages 2 and 3 (same tiny models)
 bench 80 sdxl-1024 --size sdxl --device cuda --reward qwen2_vl_2b --reward-pixels 200704 \
-    --settings call blocks none img-dec vlm-ckpt budget fast lean --full-settings
+    --settings call blocks none img-dec vlm-ckpt budget fast bf16-pre lean --full-settings
 bench 50 flux-1024 --size flux --device cuda --reward qwen2_vl_2b --settings call blocks lean --repeats 1 \
     --full-settings
 fi

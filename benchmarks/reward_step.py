@@ -11,6 +11,8 @@ to the plain loop, so that a shared machine's load cancels out of the ratios:
 - ``budget``  the reward reads images at ``--reward-pixels`` (changes what is scored, so no gradient check);
 - ``ch-last`` denoiser and VAE in channels-last; ``compile``: ``torch.compile`` of the denoiser (``--compile``);
 - ``fast``    K=1 without any recompute (``none``, decode not checkpointed): the speed setting;
+- ``bf16-pre`` ``fast`` with the no-grad prefix under bfloat16 autocast (``prefix_dtype``): meant for GPUs; it
+              changes the sample a little, so its ``grad Δ`` is a difference, not a check;
 - ``lean``    every memory option at once (``blocks``, ``img-dec``, ``vlm-ckpt``).
 
 ``K=1`` is DRaFT-1; ``full`` backpropagates through all T steps. ``grad Δ`` is max |g - g_ref| / max |g_ref|
@@ -94,6 +96,7 @@ SETTINGS = (
     "ch-last",
     "compile",
     "fast",
+    "bf16-pre",
     "lean",
 )
 
@@ -239,8 +242,9 @@ def _config(setting: str, base: SamplerConfig, full: bool) -> SamplerConfig:
         c = replace(c, decode_per_image=True)
     elif setting == "lean":
         c = replace(c, denoiser_checkpoint="blocks", decode_per_image=True)
-    elif setting == "fast":
+    elif setting in ("fast", "bf16-pre"):
         c = replace(c, denoiser_checkpoint="none", checkpoint_decoder=False)
+        c = replace(c, prefix_dtype="bfloat16") if setting == "bf16-pre" else c
     return c
 
 
@@ -305,7 +309,7 @@ def run(args) -> tuple[list[Result], str]:
         refs = {g: best.get(("plain", g)) or best.get(("call", g)) for g in grads}
         for (setting, g), (sec, peak, step, grad) in best.items():
             delta = None
-            if setting != "budget" and refs[g] is not None:
+            if setting != "budget" and refs[g] is not None:  # bf16-pre: a measured difference
                 delta = float((grad - refs[g][3]).abs().max() / refs[g][3].abs().max())
             results.append(
                 Result(args.label or args.size, args.size, setting, g, sec, peak, step, delta, batch, px, T)

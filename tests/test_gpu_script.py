@@ -25,13 +25,24 @@ def test_gpu_script_tiny_mode(tmp_path):
     labels = {r["label"] for r in rows}
     assert labels == {"sd15-512", "fit:tiny"}
     sd15 = {(r["setting"], r["grad"]): r for r in rows if r["label"] == "sd15-512"}
-    assert {"plain", "call", "blocks", "none", "img-dec", "vlm-ckpt", "budget", "fast", "lean"} <= {
-        s for s, _ in sd15
-    }
+    assert {
+        "plain",
+        "call",
+        "blocks",
+        "none",
+        "img-dec",
+        "vlm-ckpt",
+        "budget",
+        "fast",
+        "bf16-pre",
+        "lean",
+    } <= {s for s, _ in sd15}
     assert ("call", "full") in sd15 and ("blocks", "full") in sd15 and ("none", "full") not in sd15
     for (setting, grad), r in sd15.items():
         if setting == "budget":
             assert r["grad_delta"] is None  # the budget changes what is scored
+        elif setting == "bf16-pre":
+            assert 0 < r["grad_delta"] < 0.5  # a bfloat16 prefix changes the sample a little
         else:
             assert r["grad_delta"] < 1e-4, (setting, grad, r["grad_delta"])  # the plain loop's gradients
     assert {r["batch"] for r in rows if r["label"] == "fit:tiny"} == {1, 2}

@@ -203,6 +203,20 @@ def test_decoding_one_image_at_a_time_gives_the_same_images_and_gradients(adapte
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_prefix_dtype_autocasts_the_no_grad_steps_only(adapter):
+    autocast: list[tuple[bool, bool]] = []  # (grad enabled, autocast enabled) per denoiser call
+    handle = adapter.denoiser.register_forward_hook(
+        lambda m, a, o: autocast.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+    )
+    fp32 = sample(adapter, PROMPTS, _config(4), seed=0)
+    half = sample(adapter, PROMPTS, _config(4, prefix_dtype="bfloat16"), seed=0)
+    handle.remove()
+    assert autocast == [(False, False)] * 3 + [(True, False)] + [(False, True)] * 3 + [(True, False)]
+    assert half.images.dtype == torch.float32
+    diff = (half.images - fp32.images).abs().max()
+    assert 0 < diff < 0.05, "bfloat16 steps change the sample a little, not a lot"
+
+
 def _saved_bytes(adapter, config: SamplerConfig) -> int:
     params = [
         p for m in adapter.pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()
@@ -227,6 +241,7 @@ def test_graph_memory_does_not_grow_with_num_steps(adapter):
     [
         ({"mode": "dpo"}, "mode must be one of"),
         ({"denoiser_checkpoint": "layer"}, "denoiser_checkpoint must be one of"),
+        ({"prefix_dtype": "float8"}, "prefix_dtype must be one of"),
         ({"draft_k": 0}, "draft_k must be in 1..num_steps=4"),
         ({"draft_k": 5}, "draft_k must be in 1..num_steps=4"),
         ({"mode": "refl", "draft_lv": 1}, "draft_lv=1 needs mode='draft'"),
