@@ -74,3 +74,11 @@ def test_pixel_budget_resizes_on_the_differentiable_path():
 def test_pixel_budget_outside_the_processor_budget_is_an_error(max_pixels):
     with pytest.raises(ValueError, match=f"max_pixels={max_pixels} must lie in the processor's pixel budget"):
         ZRewardModel.from_pretrained(tiny_vlm_dir("qwen2_vl"), max_pixels=max_pixels)
+
+
+def test_t2i_reward_config_rejects_a_non_positive_budget():
+    from zr_diffusion.pipelines.config import RewardConfig
+
+    assert RewardConfig(model="m", max_pixels=3136, checkpoint_layers=True).max_pixels == 3136
+    with pytest.raises(ValueError, match="reward.max_pixels must be >= 1 or null"):
+        RewardConfig(model="m", max_pixels=0)

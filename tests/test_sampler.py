@@ -6,6 +6,8 @@ so each test can say exactly which steps ran with a graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -172,6 +174,21 @@ def test_denoiser_checkpoint_options_give_the_same_gradients(adapter, how):
     base = _lora_grads(adapter, sample(adapter, PROMPTS, _config(4, draft_k=2), seed=0).images)
     other = sample(adapter, PROMPTS, _config(4, draft_k=2, denoiser_checkpoint=how), seed=0)
     for a, b in zip(base, _lora_grads(adapter, other.images)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_block_checkpointing_of_transformer_families_gives_the_same_gradients(tmp_path, family):
+    flow = load_adapter(make_tiny_t2i(tmp_path, family, sample_size=SIZE))
+    flow.add_lora(rank=4)
+    for p in flow.lora_parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    config = SamplerConfig(num_steps=3, guidance_scale=3.5, height=SIZE, width=SIZE, draft_k=2)
+    base = _lora_grads(flow, sample(flow, PROMPTS, config, seed=0).images)
+    assert all(g is not None for g in base) and sum(g.abs().sum() for g in base) > 0
+    blocks = sample(flow, PROMPTS, replace(config, denoiser_checkpoint="blocks"), seed=0)
+    assert flow.denoiser.is_gradient_checkpointing
+    for a, b in zip(base, _lora_grads(flow, blocks.images)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 

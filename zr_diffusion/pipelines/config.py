@@ -56,9 +56,7 @@ class RewardConfig:
     weights: tuple[float, ...] | None = None  # the aggregation A: one weight per dimension; None = equal
     dtype: Dtype = "float32"
     trust_remote_code: bool = False
-    max_pixels: int | None = (
-        None  # the reward's pixel budget on the differentiable path; None = its processor's
-    )
+    max_pixels: int | None = None  # the reward's pixel budget (images are resized to it); None = processor's
     checkpoint_layers: bool = False  # recompute each VLM layer in backward (the frozen eval-mode reward)
 
     def __post_init__(self) -> None:
