@@ -42,7 +42,15 @@ def verdict(lines: list[dict], tiny: bool = False) -> str:
         mine = [r for r in lines if r["label"] == label and r["grad"] == "K=1"]
         micro = micro_batch(config)
         for setting in sorted({r["setting"] for r in mine}):
-            peaks = {r["batch"]: r["peak_bytes"] / 1e9 for r in mine if r["setting"] == setting}
+            runs = [r for r in mine if r["setting"] == setting]
+            errors = {r["batch"]: r["error"] for r in runs if r.get("error")}
+            peaks = {r["batch"]: r["peak_bytes"] / 1e9 for r in runs if not r.get("error")}
+            if errors:
+                b = min(errors)
+                rows.append(
+                    f"{config.stem:>16} {setting:>8} {micro:>5} failed at micro-batch {b}: {errors[b][:60]}"
+                )
+                continue
             if set(peaks) < {1, 2}:
                 rows.append(f"{config.stem:>16} {setting:>8} {micro:>5} (no measurement at batches 1 and 2)")
                 continue

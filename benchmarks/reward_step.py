@@ -114,6 +114,7 @@ class Result:
     batch: int
     pixels: int
     steps: int
+    error: str | None = None  # why the setting did not run (out of memory, ...)
 
 
 # ---------------------------------------------------------------- memory
@@ -200,6 +201,27 @@ def measure(adapter, reward, prompts, config, plain: bool) -> tuple[float, int, 
 # ---------------------------------------------------------------- models
 
 
+def _measure_setting(adapter, reward, prompts, cfg: SamplerConfig, setting: str) -> list | str:
+    """Measure one setting; a failure (out of memory, a compiler error) is returned as its message."""
+    if setting == "ch-last":
+        adapter.denoiser.to(memory_format=torch.channels_last)
+        adapter.vae.to(memory_format=torch.channels_last)
+    if setting == "compile":
+        adapter.denoiser.compile()
+    try:
+        return list(measure(adapter, reward, prompts, cfg, setting == "plain"))
+    except Exception as error:  # noqa: BLE001 - one setting's failure must not lose the others
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+    finally:
+        if setting == "ch-last":
+            adapter.denoiser.to(memory_format=torch.contiguous_format)
+            adapter.vae.to(memory_format=torch.contiguous_format)
+        if setting == "compile":
+            adapter.denoiser._compiled_call_impl = None  # back to eager for the other settings
+        if adapter.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def build(size: Size, device: str, dtype: torch.dtype, tmp: str, reward_name: str | None, **reward_kw):
     from zr_diffusion.pipelines.adapters import load_adapter
     from zr_diffusion.pipelines.tiny import make_tiny_t2i
@@ -257,6 +279,8 @@ def run(args) -> tuple[list[Result], str]:
         )
     px, T = size.pixels[kind]
     px, T = args.pixels or px, args.steps or T
+    if "plain" in args.settings and T < 2:
+        raise SystemExit(f"the plain loop needs T >= 2 (T-1 no-grad steps before the grad step), got T={T}")
     batch = args.batch or size.batch[kind]
     dtype = getattr(torch, args.dtype or ("float32" if kind == "cpu" else size.dtype))
     prompts = (PROMPTS * batch)[:batch]
@@ -285,27 +309,18 @@ def run(args) -> tuple[list[Result], str]:
         grads = ["K=1", "full"] if args.full_settings else ["K=1"]
         jobs = [(s, "K=1") for s in settings] + [(s, "full") for s in settings if s in args.full_settings]
         best: dict[tuple[str, str], list] = {}
+        failed: dict[tuple[str, str], str] = {}
         reward_step(adapter, reward, prompts[:1], replace(base, num_steps=min(T, 2)), False)  # warm-up
         for _ in range(args.repeats):
             for setting, g in jobs:
+                if (setting, g) in failed:
+                    continue
                 cfg = _config(setting, base, g == "full")
-                rm = extra.get(setting, reward)
-                if setting == "ch-last":
-                    adapter.denoiser.to(memory_format=torch.channels_last)
-                    adapter.vae.to(memory_format=torch.channels_last)
-                if setting == "compile" and not hasattr(adapter.denoiser, "_compiled_call_impl"):
-                    adapter.denoiser.compile()
-                try:
-                    out = measure(adapter, rm, prompts, cfg, setting == "plain")
-                finally:
-                    if setting == "ch-last":
-                        adapter.denoiser.to(memory_format=torch.contiguous_format)
-                        adapter.vae.to(memory_format=torch.contiguous_format)
-                    if setting == "compile":
-                        adapter.denoiser._compiled_call_impl = None  # back to eager for the other settings
-                key = (setting, g)
-                if key not in best or out[0] < best[key][0]:
-                    best[key] = list(out)
+                out = _measure_setting(adapter, extra.get(setting, reward), prompts, cfg, setting)
+                if isinstance(out, str):
+                    failed[(setting, g)] = out
+                elif (setting, g) not in best or out[0] < best[(setting, g)][0]:
+                    best[(setting, g)] = out
         refs = {g: best.get(("plain", g)) or best.get(("call", g)) for g in grads}
         for (setting, g), (sec, peak, step, grad) in best.items():
             delta = None
@@ -314,12 +329,19 @@ def run(args) -> tuple[list[Result], str]:
             results.append(
                 Result(args.label or args.size, args.size, setting, g, sec, peak, step, delta, batch, px, T)
             )
+        for (setting, g), error in failed.items():
+            results.append(
+                Result(args.label or args.size, args.size, setting, g, 0.0, 0, 0, None, batch, px, T, error)
+            )
     return results, header
 
 
 def report(results: list[Result], device: str) -> str:
-    ref = next((r for r in results if r.setting == "plain"), None) or next(
-        r for r in results if r.setting == "call"
+    ran = [r for r in results if r.error is None]
+    if not ran:
+        return "\n".join(f"{r.grad:>5} {r.setting:>9} failed: {r.error}" for r in results)
+    ref = next((r for r in ran if r.setting == "plain"), None) or next(
+        (r for r in ran if r.setting == "call"), ran[0]
     )
     gib = 2**30 if device.startswith("cuda") else 2**20
     unit = "GiB" if device.startswith("cuda") else "MiB"
@@ -329,6 +351,9 @@ def report(results: list[Result], device: str) -> str:
         f"{'x':>6} {'grad Δ':>8}",
     ]
     for r in results:
+        if r.error is not None:
+            lines.append(f"{r.grad:>5} {r.setting:>9} failed: {r.error}")
+            continue
         delta = "-" if r.grad_delta is None else f"{r.grad_delta:.1e}"
         lines.append(
             f"{r.grad:>5} {r.setting:>9} {r.seconds:8.3f} {ref.seconds / r.seconds:8.2f} {r.peak_bytes / gib:10.2f} "
