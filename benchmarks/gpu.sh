@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command GPU check of reward-gradient steps at real scale (issue 11), under 8 minutes on one GPU:
-#   1. SD 1.5 at 512 px (T=20, 2B-size student): every option on and off, K=1 and full backprop, torch.compile;
+#   1. SD 1.5 at 512 px (T=20, 2B-size student): every option on and off, K=1 and full backprop; torch.compile;
 #   2. SDXL at 1024 px (T=10, 2B-size student): the options on and off, K=1;
 #   3. Flux.1 at 1024 px (T=10, 2B-size student) if it fits;
 #   4. the verdict: each shipped configs/t2i/*_zreward.yaml at micro-batches 1 and 2 with the 9B-size student,
@@ -42,24 +42,22 @@ bench() {
 }
 
 START=$(date +%s)
-bench 100 sd15-512 --size sd15 --device cuda --reward qwen2_vl_2b --reward-pixels 200704 \
-    --settings plain call blocks none img-dec vlm-ckpt budget ch-last compile fast bf16-pre lean --compile \
-    --full-settings call blocks
+bench 90 sd15-512 --size sd15 --device cuda --reward qwen2_vl_2b --reward-pixels 200704 --repeats 1 \
+    --settings plain call blocks none img-dec vlm-ckpt budget ch-last fast bf16-pre lean --full-settings call blocks
+bench 70 sd15-512-compile --size sd15 --device cuda --reward qwen2_vl_2b --repeats 1 --compile \
+    --settings plain call compile --full-settings
 if [ "$TINY" != 1 ]; then  # tiny mode: stage 1 stands for stages 2 and 3 (same tiny models)
-bench 80 sdxl-1024 --size sdxl --device cuda --reward qwen2_vl_2b --reward-pixels 200704 \
-    --settings call blocks none img-dec vlm-ckpt budget fast bf16-pre lean --full-settings
-bench 50 flux-1024 --size flux --device cuda --reward qwen2_vl_2b --settings call blocks lean --repeats 1 \
-    --full-settings
+    bench 80 sdxl-1024 --size sdxl --device cuda --reward qwen2_vl_2b --reward-pixels 200704 --repeats 1 \
+        --settings call blocks none img-dec vlm-ckpt budget fast bf16-pre lean --full-settings
+    bench 50 flux-1024 --size flux --device cuda --reward qwen2_vl_2b --repeats 1 \
+        --settings call blocks lean --full-settings
 fi
 for config in sd15 sdxl flux zimage; do
-    [ "$TINY" = 1 ] && [ "$config" != sd15 ] && continue  # tiny mode: one pair of runs stands for all configs
-    size=$config
+    [ "$TINY" = 1 ] && [ "$config" != sd15 ] && continue  # tiny mode: one run stands for all configs
     label="fit:${config}_zreward"
     [ "$TINY" = 1 ] && label="fit:tiny"
-    for b in 1 2; do
-        bench 30 "$label" --size "$size" --device cuda --reward qwen3_5_9b --steps 2 --batch "$b" \
-            --settings call lean --repeats 1 --full-settings
-    done
+    bench 45 "$label" --size "$config" --device cuda --reward qwen3_5_9b --steps 2 --batch 1 2 \
+        --settings call lean --repeats 1 --full-settings
 done
 echo "== verdict (configs/t2i/*_zreward.yaml, 9B-size student, K=1)"
 if [ "$TINY" = 1 ]; then "$PY" benchmarks/gpu_verdict.py "$JSON" --tiny; else "$PY" benchmarks/gpu_verdict.py "$JSON"; fi

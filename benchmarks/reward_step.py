@@ -270,6 +270,57 @@ def _config(setting: str, base: SamplerConfig, full: bool) -> SamplerConfig:
     return c
 
 
+def _measure_jobs(adapter, reward, extra, prompts, base, jobs, repeats) -> tuple[dict, dict]:
+    """Best-of-``repeats`` measurements of every (setting, grad) job, interleaved; and the failed jobs."""
+    best: dict[tuple[str, str], list] = {}
+    failed: dict[tuple[str, str], str] = {}
+    for _ in range(repeats):
+        for setting, g in jobs:
+            if (setting, g) in failed:
+                continue
+            cfg = _config(setting, base, g == "full")
+            out = _measure_setting(adapter, extra.get(setting, reward), prompts, cfg, setting)
+            if isinstance(out, str):
+                failed[(setting, g)] = out
+            elif (setting, g) not in best or out[0] < best[(setting, g)][0]:
+                best[(setting, g)] = out
+    return best, failed
+
+
+def _results(best: dict, failed: dict, common: dict) -> list[Result]:
+    refs = {g: best.get(("plain", g)) or best.get(("call", g)) for g in ("K=1", "full")}
+    out = []
+    for (setting, g), (sec, peak, step, grad) in best.items():
+        delta = None
+        if setting != "budget" and refs[g] is not None:  # bf16-pre: a measured difference
+            delta = float((grad - refs[g][3]).abs().max() / refs[g][3].abs().max())
+        out.append(
+            Result(
+                setting=setting,
+                grad=g,
+                seconds=sec,
+                peak_bytes=peak,
+                step_bytes=step,
+                grad_delta=delta,
+                **common,
+            )
+        )
+    for (setting, g), error in failed.items():
+        out.append(
+            Result(
+                setting=setting,
+                grad=g,
+                seconds=0.0,
+                peak_bytes=0,
+                step_bytes=0,
+                grad_delta=None,
+                error=error,
+                **common,
+            )
+        )
+    return out
+
+
 def run(args) -> tuple[list[Result], str]:
     size = SIZES[args.size]
     kind = torch.device(args.device).type
@@ -281,9 +332,8 @@ def run(args) -> tuple[list[Result], str]:
     px, T = args.pixels or px, args.steps or T
     if "plain" in args.settings and T < 2:
         raise SystemExit(f"the plain loop needs T >= 2 (T-1 no-grad steps before the grad step), got T={T}")
-    batch = args.batch or size.batch[kind]
+    batches = args.batch or [size.batch[kind]]
     dtype = getattr(torch, args.dtype or ("float32" if kind == "cpu" else size.dtype))
-    prompts = (PROMPTS * batch)[:batch]
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter, reward = build(size, args.device, dtype, tmp, args.reward)
@@ -302,64 +352,50 @@ def run(args) -> tuple[list[Result], str]:
         header = (
             f"{args.size}: {adapter.family} denoiser {parameter_count([adapter.denoiser]) / 1e6:.1f}M, "
             f"VAE {parameter_count([adapter.vae]) / 1e6:.1f}M, reward VLM {parameter_count([reward.vlm]) / 1e6:.1f}M "
-            f"({args.reward or size.reward[kind]}); {px} px, T={T}, batch {batch}, {args.dtype or dtype}, "
+            f"({args.reward or size.reward[kind]}); {px} px, T={T}, batch {' / '.join(map(str, batches))}, {args.dtype or dtype}, "
             f"device {args.device}, LoRA rank 4"
         )
         base = SamplerConfig(num_steps=T, guidance_scale=size.guidance, height=px, width=px)
-        grads = ["K=1", "full"] if args.full_settings else ["K=1"]
         jobs = [(s, "K=1") for s in settings] + [(s, "full") for s in settings if s in args.full_settings]
-        best: dict[tuple[str, str], list] = {}
-        failed: dict[tuple[str, str], str] = {}
-        reward_step(adapter, reward, prompts[:1], replace(base, num_steps=min(T, 2)), False)  # warm-up
-        for _ in range(args.repeats):
-            for setting, g in jobs:
-                if (setting, g) in failed:
-                    continue
-                cfg = _config(setting, base, g == "full")
-                out = _measure_setting(adapter, extra.get(setting, reward), prompts, cfg, setting)
-                if isinstance(out, str):
-                    failed[(setting, g)] = out
-                elif (setting, g) not in best or out[0] < best[(setting, g)][0]:
-                    best[(setting, g)] = out
-        refs = {g: best.get(("plain", g)) or best.get(("call", g)) for g in grads}
-        for (setting, g), (sec, peak, step, grad) in best.items():
-            delta = None
-            if setting != "budget" and refs[g] is not None:  # bf16-pre: a measured difference
-                delta = float((grad - refs[g][3]).abs().max() / refs[g][3].abs().max())
-            results.append(
-                Result(args.label or args.size, args.size, setting, g, sec, peak, step, delta, batch, px, T)
-            )
-        for (setting, g), error in failed.items():
-            results.append(
-                Result(args.label or args.size, args.size, setting, g, 0.0, 0, 0, None, batch, px, T, error)
-            )
+        reward_step(adapter, reward, PROMPTS[:1], replace(base, num_steps=min(T, 2)), False)  # warm-up
+        for batch in batches:
+            prompts = (PROMPTS * batch)[:batch]
+            best, failed = _measure_jobs(adapter, reward, extra, prompts, base, jobs, args.repeats)
+            common = dict(label=args.label or args.size, size=args.size, batch=batch, pixels=px, steps=T)
+            results += _results(best, failed, common)
     return results, header
 
 
 def report(results: list[Result], device: str) -> str:
+    """One table per batch size, ratios to its plain loop (or ``call``) with K=1."""
+    return "\n".join(
+        _table([r for r in results if r.batch == b], device) for b in sorted({r.batch for r in results})
+    )
+
+
+def _table(results: list[Result], device: str) -> str:
     ran = [r for r in results if r.error is None]
+    failed = [f"{r.grad:>5} {r.setting:>9} failed: {r.error}" for r in results if r.error is not None]
     if not ran:
-        return "\n".join(f"{r.grad:>5} {r.setting:>9} failed: {r.error}" for r in results)
+        return "\n".join(failed)
     ref = next((r for r in ran if r.setting == "plain"), None) or next(
         (r for r in ran if r.setting == "call"), ran[0]
     )
     gib = 2**30 if device.startswith("cuda") else 2**20
     unit = "GiB" if device.startswith("cuda") else "MiB"
+    clock = "wall clock" if device.startswith("cuda") else "process CPU time"
     lines = [
-        f"ratios (x) to {ref.setting} K=1; time = {'wall clock' if device.startswith('cuda') else 'process CPU time'}",
+        f"batch {ref.batch}: ratios (x) to {ref.setting} K=1; time = {clock}",
         f"{'grad':>5} {'setting':>9} {'s/step':>8} {'speed x':>8} {'peak ' + unit:>10} {'step ' + unit:>10} "
         f"{'x':>6} {'grad Δ':>8}",
     ]
-    for r in results:
-        if r.error is not None:
-            lines.append(f"{r.grad:>5} {r.setting:>9} failed: {r.error}")
-            continue
+    for r in ran:
         delta = "-" if r.grad_delta is None else f"{r.grad_delta:.1e}"
         lines.append(
             f"{r.grad:>5} {r.setting:>9} {r.seconds:8.3f} {ref.seconds / r.seconds:8.2f} {r.peak_bytes / gib:10.2f} "
             f"{r.step_bytes / gib:10.2f} {r.step_bytes / max(ref.step_bytes, 1):6.2f} {delta:>8}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,7 +407,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward-pixels", type=int, default=None, help="the 'budget' setting's max_pixels")
     parser.add_argument("--pixels", type=int, default=None, help="image side instead of the size's")
     parser.add_argument("--steps", type=int, default=None, help="T instead of the size's")
-    parser.add_argument("--batch", type=int, default=None, help="prompts per step instead of the size's")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompts per step instead of the size's (several: each)",
+    )
     parser.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: CPU float32, CUDA the config's)"
     )

@@ -23,7 +23,7 @@ def test_gpu_script_tiny_mode(tmp_path):
     assert "did not finish" not in out, out[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     labels = {r["label"] for r in rows}
-    assert labels == {"sd15-512", "fit:tiny"}
+    assert labels == {"sd15-512", "sd15-512-compile", "fit:tiny"}
     sd15 = {(r["setting"], r["grad"]): r for r in rows if r["label"] == "sd15-512"}
     assert {
         "plain",
