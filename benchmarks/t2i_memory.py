@@ -62,7 +62,7 @@ def _config(setting: str, steps: int, size: int) -> SamplerConfig:
         width=size,
         mode="draft",
         draft_k=k,
-        checkpoint_denoiser=ckpt,
+        denoiser_checkpoint="call" if ckpt else "none",
         checkpoint_decoder=ckpt,
     )
 

@@ -6,6 +6,8 @@ so each test can say exactly which steps ran with a graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -135,7 +137,7 @@ def test_window_mode_gradient_reaches_every_window_step(adapter):
             out[0].register_hook(lambda g: reached.append(t))
 
     handle = adapter.denoiser.register_forward_hook(hook)
-    config = _config(T, mode="window", window=window, checkpoint_denoiser=False)
+    config = _config(T, mode="window", window=window, denoiser_checkpoint="none")
     out = sample(adapter, PROMPTS, config, seed=0)
     handle.remove()
     timesteps = [int(t) for t in adapter.timesteps]
@@ -159,12 +161,78 @@ def test_checkpointing_gives_the_same_gradients(adapter):
     plain = _lora_grads(
         adapter,
         sample(
-            adapter, PROMPTS, _config(4, checkpoint_denoiser=False, checkpoint_decoder=False, **kw), seed=0
+            adapter, PROMPTS, _config(4, denoiser_checkpoint="none", checkpoint_decoder=False, **kw), seed=0
         ).images,
     )
     ckpt = _lora_grads(adapter, sample(adapter, PROMPTS, _config(4, **kw), seed=0).images)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["blocks", "none"])
+def test_denoiser_checkpoint_options_give_the_same_gradients(adapter, how):
+    """Per-block and no checkpointing against today's whole-call checkpoint, DRaFT-2 (two window steps)."""
+    base = _lora_grads(adapter, sample(adapter, PROMPTS, _config(4, draft_k=2), seed=0).images)
+    other = sample(adapter, PROMPTS, _config(4, draft_k=2, denoiser_checkpoint=how), seed=0)
+    for a, b in zip(base, _lora_grads(adapter, other.images)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_block_checkpointing_of_transformer_families_gives_the_same_gradients(tmp_path, family):
+    flow = load_adapter(make_tiny_t2i(tmp_path, family, sample_size=SIZE))
+    flow.add_lora(rank=4)
+    for p in flow.lora_parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    config = SamplerConfig(num_steps=3, guidance_scale=3.5, height=SIZE, width=SIZE, draft_k=2)
+    base = _lora_grads(flow, sample(flow, PROMPTS, config, seed=0).images)
+    assert all(g is not None for g in base) and sum(g.abs().sum() for g in base) > 0
+    blocks = sample(flow, PROMPTS, replace(config, denoiser_checkpoint="blocks"), seed=0)
+    assert flow.denoiser.is_gradient_checkpointing
+    for a, b in zip(base, _lora_grads(flow, blocks.images)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_block_checkpointing_acts_in_eval_mode_inside_the_window_only(adapter):
+    """diffusers checks ``torch.is_grad_enabled()``, not ``self.training``: blocks are checkpointed in the
+    eval-mode denoiser during the grad step, never in the no-grad prefix, and the graph keeps less."""
+    calls: list[bool] = []
+    blocks = [m for m in adapter.denoiser.modules() if hasattr(m, "gradient_checkpointing")]
+    handles = [
+        b.register_forward_pre_hook(lambda m, a: calls.append(m.gradient_checkpointing)) for b in blocks
+    ]
+    assert not adapter.denoiser.training
+    sample(adapter, PROMPTS, _config(3, denoiser_checkpoint="blocks"), seed=0)
+    for h in handles:
+        h.remove()
+    assert adapter.denoiser.is_gradient_checkpointing and all(calls) and calls
+    kept = {how: _saved_bytes(adapter, _config(3, denoiser_checkpoint=how)) for how in ("none", "blocks")}
+    assert 0 < kept["blocks"] < kept["none"] / 2
+    sample(adapter, PROMPTS, _config(3, denoiser_checkpoint="call"), seed=0)
+    assert not adapter.denoiser.is_gradient_checkpointing, "another setting turns it off again"
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_decoding_one_image_at_a_time_gives_the_same_images_and_gradients(adapter, ckpt):
+    batch = sample(adapter, PROMPTS, _config(3, checkpoint_decoder=ckpt), seed=0)
+    single = sample(adapter, PROMPTS, _config(3, checkpoint_decoder=ckpt, decode_per_image=True), seed=0)
+    torch.testing.assert_close(batch.images, single.images, atol=1e-6, rtol=1e-5)
+    for a, b in zip(_lora_grads(adapter, batch.images), _lora_grads(adapter, single.images)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_prefix_dtype_autocasts_the_no_grad_steps_only(adapter):
+    autocast: list[tuple[bool, bool]] = []  # (grad enabled, autocast enabled) per denoiser call
+    handle = adapter.denoiser.register_forward_hook(
+        lambda m, a, o: autocast.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+    )
+    fp32 = sample(adapter, PROMPTS, _config(4), seed=0)
+    half = sample(adapter, PROMPTS, _config(4, prefix_dtype="bfloat16"), seed=0)
+    handle.remove()
+    assert autocast == [(False, False)] * 3 + [(True, False)] + [(False, True)] * 3 + [(True, False)]
+    assert half.images.dtype == torch.float32
+    diff = (half.images - fp32.images).abs().max()
+    assert 0 < diff < 0.05, "bfloat16 steps change the sample a little, not a lot"
 
 
 def _saved_bytes(adapter, config: SamplerConfig) -> int:
@@ -180,7 +248,7 @@ def test_graph_memory_does_not_grow_with_num_steps(adapter):
     k1 = [_saved_bytes(adapter, _config(T)) for T in (3, 8)]
     assert k1[0] == k1[1] > 0
     full = [
-        _saved_bytes(adapter, _config(T, mode="window", window=(0, T - 1), checkpoint_denoiser=False))
+        _saved_bytes(adapter, _config(T, mode="window", window=(0, T - 1), denoiser_checkpoint="none"))
         for T in (3, 8)
     ]
     assert full[1] > 2 * full[0], "plain full backprop grows with T (the meter must see it)"
@@ -190,6 +258,8 @@ def test_graph_memory_does_not_grow_with_num_steps(adapter):
     ("kwargs", "message"),
     [
         ({"mode": "dpo"}, "mode must be one of"),
+        ({"denoiser_checkpoint": "layer"}, "denoiser_checkpoint must be one of"),
+        ({"prefix_dtype": "float8"}, "prefix_dtype must be one of"),
         ({"draft_k": 0}, "draft_k must be in 1..num_steps=4"),
         ({"draft_k": 5}, "draft_k must be in 1..num_steps=4"),
         ({"mode": "refl", "draft_lv": 1}, "draft_lv=1 needs mode='draft'"),

@@ -65,9 +65,15 @@ class RewardConfig:
     weights: tuple[float, ...] | None = None  # the aggregation A: one weight per dimension; None = equal
     dtype: Dtype = "float32"
     trust_remote_code: bool = False
+    max_pixels: int | None = None  # the reward's pixel budget (images are resized to it); None = processor's
+    checkpoint_layers: bool = False  # recompute each VLM layer in backward (the frozen eval-mode reward)
 
     def __post_init__(self) -> None:
         check_dimensions(self.dimensions)
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(
+                f"reward.max_pixels must be >= 1 or null (the processor's), got {self.max_pixels}"
+            )
         if self.weights is not None and len(self.weights) != len(self.dimensions):
             raise ValueError(
                 f"reward.weights has {len(self.weights)} values {list(self.weights)} for "
@@ -112,6 +118,8 @@ class RewardConfig:
             dtype=getattr(torch, self.dtype),
             device=device,
             trust_remote_code=self.trust_remote_code,
+            max_pixels=self.max_pixels,  # an ensemble's members each keep their own budget below this
+            checkpoint_layers=self.checkpoint_layers,
         )
         if not self.models:
             from zr_diffusion.reward.model import ZRewardModel

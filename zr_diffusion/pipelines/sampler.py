@@ -12,13 +12,27 @@ steps (indices 0..T-1 in sampling order), so memory does not grow with the numbe
   the steps after ``end``: when end < T - 1 the predicted clean image at ``end`` is scored, when
   end = T - 1 the final sample is (``window=(T - K, T - 1)`` is DRaFT-K).
 
-Inside the window each denoiser call, and the VAE decode, is gradient-checkpointed
-(``torch.utils.checkpoint``, ``use_reentrant=False``): only its inputs are kept and the activations
-are recomputed in backward.
+Inside the window, memory is traded for recomputation (``torch.utils.checkpoint``, ``use_reentrant=False``)
+as the config says:
+
+- ``denoiser_checkpoint="call"``: each denoiser call of the window is one checkpoint; only its inputs
+  are kept, and backward recomputes the whole call, holding one full forward's activations at once.
+- ``"blocks"``: diffusers' own per-block checkpointing (``enable_gradient_checkpointing()``); the
+  installed diffusers checks ``torch.is_grad_enabled() and self.gradient_checkpointing`` (not
+  ``self.training``), so it acts on the eval-mode denoiser inside the window and never in the no-grad
+  prefix. Backward holds one block's activations at a time.
+- ``"none"``: the window's activations are kept; no recompute (fastest for K = 1 when memory allows).
+- ``checkpoint_decoder`` / ``decode_per_image``: the VAE decode is checkpointed, one micro-batch or one
+  image per checkpoint, so backward recomputes one image's decoder activations at a time.
+
+Every option leaves the gradients unchanged (tests/test_sampler.py compares them). One speed option
+changes numbers on purpose: ``prefix_dtype`` runs the no-grad steps before the window under autocast
+(bfloat16 / float16, meant for GPUs); the window and the decode stay in the configured precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +43,10 @@ from zr_diffusion.pipelines.base import Conditioning, StepOutput, T2IAdapter
 
 Mode = Literal["draft", "refl", "window"]
 MODES = ("draft", "refl", "window")
+DenoiserCheckpoint = Literal["call", "blocks", "none"]
+DENOISER_CHECKPOINTS = ("call", "blocks", "none")
+PrefixDtype = Literal["bfloat16", "float16"]
+PREFIX_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass
@@ -44,8 +62,12 @@ class SamplerConfig:
     draft_lv: int = 0  # draft: DRaFT-LV extra re-noised copies of the last step (0 = off)
     refl_window: tuple[int, int] | None = None  # refl: inclusive step range for s; None = last quarter
     window: tuple[int, int] | None = None  # window: inclusive step range with gradient (required)
-    checkpoint_denoiser: bool = True  # recompute each denoiser call of the window in backward
+    denoiser_checkpoint: DenoiserCheckpoint = "call"  # window steps: whole call | per block | none
     checkpoint_decoder: bool = True  # recompute the VAE decode in backward
+    decode_per_image: bool = False  # decode (and checkpoint) one image at a time
+    prefix_dtype: PrefixDtype | None = (
+        None  # autocast dtype of the no-grad steps; None = configured precision
+    )
 
     def __post_init__(self) -> None:
         T = self.num_steps
@@ -53,6 +75,14 @@ class SamplerConfig:
             raise ValueError(f"num_steps must be positive, got {T}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prefix_dtype is not None and self.prefix_dtype not in PREFIX_DTYPES:
+            raise ValueError(
+                f"prefix_dtype must be one of {PREFIX_DTYPES} or null, got {self.prefix_dtype!r}"
+            )
+        if self.denoiser_checkpoint not in DENOISER_CHECKPOINTS:
+            raise ValueError(
+                f"denoiser_checkpoint must be one of {DENOISER_CHECKPOINTS}, got {self.denoiser_checkpoint!r}"
+            )
         if not 1 <= self.draft_k <= T:
             raise ValueError(f"draft_k must be in 1..num_steps={T}, got {self.draft_k}")
         if self.draft_lv < 0:
@@ -109,9 +139,9 @@ def _grad_range(config: SamplerConfig, generator: torch.Generator | None) -> tup
 
 
 def _step_with_grad(
-    adapter: T2IAdapter, x: torch.Tensor, i: int, cond: Conditioning, ckpt: bool
+    adapter: T2IAdapter, x: torch.Tensor, i: int, cond: Conditioning, how: DenoiserCheckpoint
 ) -> StepOutput:
-    if not ckpt:
+    if how != "call":  # "blocks": the denoiser checkpoints its own blocks (set_block_checkpointing)
         return adapter.denoise(x, i, cond)
 
     def run(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +152,31 @@ def _step_with_grad(
     return StepOutput(prev_latents=prev, pred_x0=x0)
 
 
-def _decode(adapter: T2IAdapter, latents: torch.Tensor, ckpt: bool) -> torch.Tensor:
-    if ckpt and torch.is_grad_enabled() and latents.requires_grad:
-        return checkpoint(adapter.decode, latents, use_reentrant=False)
-    return adapter.decode(latents)
+def _prefix_autocast(device: torch.device, dtype: str | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def set_block_checkpointing(denoiser: torch.nn.Module, enabled: bool) -> None:
+    """Turn diffusers' per-block gradient checkpointing of ``denoiser`` on or off (a no-op when it is
+    already so). It acts whenever grad is enabled, in eval mode too (see the module docstring)."""
+    if enabled == denoiser.is_gradient_checkpointing:
+        return
+    if enabled:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+
+
+def _decode(adapter: T2IAdapter, latents: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
+    """VAE decode ``[B', C, h, w] -> [B', 3, H, W]``, checkpointed per micro-batch or per image."""
+    ckpt = config.checkpoint_decoder and torch.is_grad_enabled() and latents.requires_grad
+    chunks = latents.split(1) if config.decode_per_image else (latents,)
+    images = [
+        checkpoint(adapter.decode, z, use_reentrant=False) if ckpt else adapter.decode(z) for z in chunks
+    ]
+    return images[0] if len(images) == 1 else torch.cat(images)
 
 
 def sample(
@@ -146,18 +197,19 @@ def sample(
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
     T = config.num_steps
+    set_block_checkpointing(adapter.denoiser, grad and config.denoiser_checkpoint == "blocks")
     cond = adapter.encode_prompts(prompts, negative_prompts, guidance_scale=config.guidance_scale)
     adapter.set_timesteps(T, config.height, config.width)
     x = adapter.initial_latents(len(prompts), config.height, config.width, generator)  # [B, C, h, w]
 
     start, end = _grad_range(config, generator) if grad else (T, T - 1)
-    with torch.no_grad():
+    with torch.no_grad(), _prefix_autocast(adapter.device, config.prefix_dtype):
         for i in range(min(start, T)):
             x = adapter.denoise_step(x, i, cond)
     info = SampleInfo(mode=config.mode if grad else "no_grad", stop_step=T - 1)
     step = None
     for i in range(start, end + 1):
-        step = _step_with_grad(adapter, x, i, cond, config.checkpoint_denoiser)
+        step = _step_with_grad(adapter, x, i, cond, config.denoiser_checkpoint)
         x = step.prev_latents
         info.grad_steps.append(i)
     if step is not None and (config.mode == "refl" or end < T - 1):  # score the clean prediction
@@ -170,11 +222,11 @@ def sample(
             noise = torch.randn(final.shape, generator=generator, dtype=final.dtype).to(final.device)
             noisy = adapter.renoise(final, T - 1, noise)  # [B, C, h, w] at the last step's noise level
             latents.append(
-                _step_with_grad(adapter, noisy, T - 1, cond, config.checkpoint_denoiser).prev_latents
+                _step_with_grad(adapter, noisy, T - 1, cond, config.denoiser_checkpoint).prev_latents
             )
             image_prompts += list(prompts)
         info.lv_copies = config.draft_lv
     latents = torch.cat(latents)  # [B', C, h, w]
     with torch.set_grad_enabled(grad):
-        images = _decode(adapter, latents, config.checkpoint_decoder)
+        images = _decode(adapter, latents, config)
     return SampleOutput(images=images, latents=latents, prompts=image_prompts, info=info)

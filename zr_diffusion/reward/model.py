@@ -17,7 +17,9 @@ from torch import nn
 
 from zr_diffusion.rubric import DEFAULT_DIMENSIONS, check_dimensions
 from zr_diffusion.scores import ScoreGrid, expected_score, score_distribution
+from zr_diffusion.vlm.checkpointing import checkpoint_layers as vlm_checkpoint_layers
 from zr_diffusion.vlm.loading import load_vlm
+from zr_diffusion.vlm.preprocess import VisionSpec, with_pixel_budget
 from zr_diffusion.vlm.readout import VLMScorer
 
 
@@ -58,13 +60,20 @@ class ZRewardModel(nn.Module):
         dimensions: Sequence[str] | None = None,
         weights: Sequence[float] | None = None,
         grid: ScoreGrid | None = None,
+        max_pixels: int | None = None,
+        checkpoint_layers: bool = False,
     ):
+        """``max_pixels``: the reward's pixel budget (None = its processor's); images are resized to it on
+        the differentiable path. ``checkpoint_layers``: recompute each VLM layer in backward (less memory)."""
         super().__init__()
         self.vlm = model
         self.processor = processor
         self.dimensions = check_dimensions(dimensions if dimensions is not None else DEFAULT_DIMENSIONS)
         self.grid = grid if grid is not None else ScoreGrid()
-        self.scorer = VLMScorer(model, processor, self.grid)
+        spec = with_pixel_budget(VisionSpec.from_processor(processor), max_pixels)
+        self.scorer = VLMScorer(model, processor, self.grid, spec=spec)
+        if checkpoint_layers:
+            vlm_checkpoint_layers(model)
         self.register_buffer("weights", normalized_weights(weights, self.dimensions), persistent=False)  # [D]
         self.vlm.requires_grad_(False)
         self.vlm.eval()
@@ -79,10 +88,20 @@ class ZRewardModel(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         trust_remote_code: bool = False,
+        max_pixels: int | None = None,
+        checkpoint_layers: bool = False,
     ) -> ZRewardModel:
         """Load a student VLM (local folder or hub id) as a frozen reward model."""
         model, processor = load_vlm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        reward = cls(model, processor, dimensions=dimensions, weights=weights, grid=grid)
+        reward = cls(
+            model,
+            processor,
+            dimensions=dimensions,
+            weights=weights,
+            grid=grid,
+            max_pixels=max_pixels,
+            checkpoint_layers=checkpoint_layers,
+        )
         return reward.to(device) if device is not None else reward
 
     def train(self, mode: bool = True) -> ZRewardModel:

@@ -10,7 +10,7 @@ processor's grid, the processor's mean / std, and its exact patch layout (each p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,22 @@ class VisionSpec:
             image_mean=_triple(mean, "image_mean"),
             image_std=_triple(std, "image_std"),
         )
+
+
+def with_pixel_budget(spec: VisionSpec, max_pixels: int | None) -> VisionSpec:
+    """The spec with a smaller pixel budget: images reach the vision tower with at most ``max_pixels``.
+
+    ``None`` keeps the processor's budget. A budget above the processor's own is an error (the processor
+    would read such an image smaller), and so is one below its ``min_pixels``.
+    """
+    if max_pixels is None:
+        return spec
+    if not spec.min_pixels <= max_pixels <= spec.max_pixels:
+        raise ValueError(
+            f"max_pixels={max_pixels} must lie in the processor's pixel budget "
+            f"{spec.min_pixels}..{spec.max_pixels} (min_pixels..max_pixels of its image processor)"
+        )
+    return replace(spec, max_pixels=int(max_pixels))
 
 
 def _size_get(size, *keys):
