@@ -407,7 +407,7 @@ def finetune_t2i(cfg: FinetuneT2IConfig) -> dict:
         summary = validator.summary() if validator is not None else {}
         history.write(final=final, lora=str(out_dir / FINAL_LORA), **summary)
         accelerator.print(
-            f"finetune-t2i: LoRA in {out_dir / 'lora'}, metrics in {out_dir / 'metrics.json'}, "
+            f"finetune-t2i: LoRA in {out_dir / FINAL_LORA}, metrics in {out_dir / 'metrics.json'}, "
             f"checkpoints in {out_dir / 'checkpoints'}, validation grids in {out_dir / 'validation'}"
         )
         print_validation_summary(summary, accelerator)
