@@ -1,24 +1,27 @@
 """The demo's text-to-image generator, trained here from scratch on world images (``zr demo``).
 
-A tiny Stable Diffusion pipeline (the real diffusers classes, :func:`pipelines.tiny.build_tiny_t2i`)
-starts from random weights. Nothing about it is pretrained, so it is trained in two phases on world
-renders of *mixed quality* (the world's own defect distribution, so it learns to make defects too):
+A tiny Stable Diffusion pipeline (the real diffusers classes) starts from random weights. Nothing
+about it is pretrained, so it is trained in two phases on renders of the training prompts with the
+generator's own defect rate (``defect_prob``, below the world's: cleaner samples, still with some
+defects for SFT and Z-Reward to remove):
 
 1. the VAE as an autoencoder: ``MSE(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, 1))``; its
    ``scaling_factor`` is then set to ``1 / std`` of the latents (the diffusers convention);
-2. the denoiser (UNet, full training) with the ordinary DDPM ε-prediction loss on the frozen VAE's
-   latents (the posterior means: a short-trained VAE's posterior noise would otherwise be most of
-   what the denoiser has to model), optionally together with the CLIP text encoder; prompts are
-   dropped to "" with probability ``cond_dropout`` so that classifier-free guidance works at
-   sampling time.
+2. the denoiser (UNet, full training) and the CLIP text encoder with the DDPM ε-prediction loss,
+   Min-SNR-γ weighted (:func:`min_snr_weight`), on the frozen VAE's latents (the posterior means: a
+   short-trained VAE's posterior noise would otherwise be most of what the denoiser has to model);
+   prompts are dropped to "" with probability ``cond_dropout`` so that classifier-free guidance
+   works at sampling time; the saved weights are an exponential moving average (``ema_decay``).
 
-The pipeline is the tiny SD pipeline of :mod:`pipelines.tiny` (tokenizer, text encoder, scheduler)
-with a VAE and a UNet sized here (:func:`build_vae`, :func:`build_unet`).
+The tokenizer is a CLIP tokenizer with one token per word of the world's grammar besides the
+byte tokens (:func:`world_tokenizer`), so that the text encoder starts from words, not letters.
+The scheduler and pipeline class are those of :mod:`pipelines.tiny`; the VAE, UNet and text encoder
+are sized here (:func:`build_vae`, :func:`build_unet`, :func:`build_text_encoder`).
 
-Only training prompts are rendered (held-out prompts stay unseen for GSB). The result is a normal
-pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
+Only training prompts are rendered (held-out prompts stay unseen for the gate and GSB). The result
+is a normal pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
 
-Dimension names: B images, C/H/W image, c/h/w latents.
+Dimension names: B images, C/H/W image, c/h/w latents, L tokens.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class GeneratorConfig:
     """Training the tiny generator from scratch."""
 
     family: str = "sd"  # the pipeline family (sd: the fastest tiny denoiser on a CPU, see the report)
-    channels: int = 16  # denoiser width: block_out_channels (c, 2c, 2c, ...)
+    channels: int = 32  # denoiser width: block_out_channels (c, 2c, 2c, ...)
     levels: int = 3  # denoiser resolution levels (the first has no cross-attention)
     vae_channels: int = 16  # VAE width: block_out_channels (c, 2c), one 2x downsampling
     latent_channels: int = 4
@@ -56,7 +59,7 @@ class GeneratorConfig:
     vae_lr: float = 3e-3
     kl_weight: float = 1e-4
     steps: int = 1200  # denoiser optimizer steps
-    lr: float = 1e-3  # AdamW, cosine decay after warmup
+    lr: float = 2e-3  # AdamW, cosine decay after warmup
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
     train_text_encoder: bool = True  # the tiny CLIP text encoder is random too: train it with the denoiser

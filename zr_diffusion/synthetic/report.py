@@ -415,7 +415,8 @@ def _generator_section(ctx: Context) -> list[str]:
         "",
         f"A tiny `{ctx.cfg.generator.generator.family}` pipeline trained from scratch here ({g['base']['denoiser_params']:,} "
         f"denoiser parameters, {g['base']['train_images']} renders of training prompts, VAE reconstruction MSE "
-        f"{g['base']['vae_recon_mse']:.4f} in [-1, 1]). SFT baseline: LoRA with the denoising loss on the "
+        f"{g['base']['vae_recon_mse']:.4f} in [-1, 1]; {g['base']['train_seconds']:.0f} s, "
+        f"{g['base']['cpu_seconds']:.0f} CPU s at {g['base']['threads']} torch threads). SFT baseline: LoRA with the denoising loss on the "
         f"{g['sft']['examples']} of {g['sft']['candidate_images']} training images whose mean annotated score is "
         f">= {g['sft']['min_score']}. Z-Reward: a LoRA on the SFT model (its LoRA fused in) trained with reward "
         f"gradients from the frozen RISD student (student reward during training "
