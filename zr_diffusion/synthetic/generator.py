@@ -46,7 +46,7 @@ class GeneratorConfig:
     """Training the tiny generator from scratch."""
 
     family: str = "sd"  # the pipeline family (sd: the fastest tiny denoiser on a CPU, see the report)
-    channels: int = 32  # denoiser width: block_out_channels (c, 2c, 2c, ...)
+    channels: int = 16  # denoiser width: block_out_channels (c, 2c, 2c, ...)
     levels: int = 3  # denoiser resolution levels (the first has no cross-attention)
     vae_channels: int = 16  # VAE width: block_out_channels (c, 2c), one 2x downsampling
     latent_channels: int = 4
@@ -58,7 +58,7 @@ class GeneratorConfig:
     vae_steps: int = 300
     vae_lr: float = 3e-3
     kl_weight: float = 1e-4
-    steps: int = 1200  # denoiser optimizer steps
+    steps: int = 2400  # denoiser optimizer steps
     lr: float = 2e-3  # AdamW, cosine decay after warmup
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
