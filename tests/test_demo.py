@@ -130,6 +130,31 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
     assert "versions" in metrics and metrics["versions"]["torch"]
 
 
+def test_smoke_report_gives_the_generator_gate_rows_and_states_a_failure_first(smoke_run):
+    cfg, out, results = smoke_run
+    gate = results["generator"]["gate"]
+    assert gate["split"] == "test" and gate["seeds"] == list(cfg.generator.gate.seeds)
+    assert gate["images"] == gate["prompts"] * len(cfg.generator.gate.seeds)
+    assert set(gate["checks"]) == {"alignment", "aggregate_ratio"}
+    ratio = gate["generated"]["aggregate"] / gate["render_means"]["aggregate"]
+    assert gate["checks"]["aggregate_ratio"]["value"] == pytest.approx(ratio)
+    assert gate["checks"]["alignment"]["threshold"] == cfg.generator.gate.min_alignment
+    assert gate["passed"] == all(c["passed"] for c in gate["checks"].values())
+    report = (out / "report.md").read_text()
+    rows = json.loads((out / "metrics.json").read_text())["gates"]
+    assert [r["gate"] for r in rows] == [
+        "generator: oracle alignment mean",
+        "generator: oracle aggregate / renders' aggregate",
+    ]
+    for r in rows:
+        assert f"| {r['gate']} |" in report and isinstance(r["passed"], bool)
+    failed = [r["gate"] for r in rows if not r["passed"]]
+    assert ("gate(s) FAILED" in report) == bool(failed)
+    if failed:  # stated before any result section
+        assert report.index("gate(s) FAILED") < report.index("## 1.")
+        assert all(name in report.split("## 1.")[0] for name in failed)
+
+
 def test_smoke_rerun_skips_every_stage_and_says_so(smoke_run, capsys):
     from zr_diffusion.cli import main
 
@@ -152,6 +177,6 @@ def test_smoke_changed_setting_rebuilds_only_what_depends_on_it(smoke_run, capsy
     for stage in ("world", "vlm", "reward"):
         assert results[stage]["cached"], stage
     assert not results["generator"]["cached"] and not results["report"]["cached"]
-    for step in ("generator/base", "generator/sft", "generator/zreward"):
+    for step in ("generator/base", "generator/gate", "generator/sft", "generator/zreward"):
         assert f"{step}: cached" in said
     assert results["generator"]["gsb"]["raters_per_item"] == 2

@@ -272,3 +272,69 @@ def test_oracle_clean_and_single_defects():
         assert all(v >= 4.0 for d, v in scores.items() if d != dim), (kind, scores)
     blank = oracle_scores(torch.full((3, 32, 32), 0.5), SCENE)
     assert blank["alignment"] == 1.0
+
+
+# ------------------------------------------------------------------------------- the generator
+
+
+def test_learn_merges_makes_each_word_one_token_most_frequent_pair_first():
+    from zr_diffusion.synthetic.generator import learn_merges
+
+    # ("a","b</w>") and ("a","b","c</w>"): every pair occurs once, so ties go by text: (a, b) first;
+    # then (a, b</w>) < (ab, c</w>)
+    assert learn_merges(["ab", "abc"]) == [("a", "b"), ("a", "b</w>"), ("ab", "c</w>")]
+
+
+def test_world_tokenizer_gives_one_token_per_world_word_and_falls_back_to_bytes():
+    from zr_diffusion.synthetic.generator import world_tokenizer
+
+    tok = world_tokenizer(16)
+    assert tok.tokenize(SCENE.prompt) == [
+        "two</w>",
+        "red</w>",
+        "triangles</w>",
+        "on</w>",
+        "the</w>",
+        "left</w>",
+    ]
+    assert tok.tokenize("a dog") == ["a</w>", "d", "o", "g</w>"]  # outside the grammar: characters
+    ids = tok([SCENE.prompt], padding="max_length", max_length=16).input_ids[0]
+    assert len(ids) == 16 and ids[0] == tok.bos_token_id and ids[7] == tok.eos_token_id
+
+
+def test_min_snr_weight_caps_the_signal_to_noise_ratio_at_gamma():
+    from diffusers import DDIMScheduler
+
+    from zr_diffusion.synthetic.generator import min_snr_weight
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 999])
+    abar = sched.alphas_cumprod[t]
+    snr = abar / (1 - abar)  # t=0: SNR ≈ 1175 > 5; t=999: SNR ≈ 0.005 < 5
+    w = min_snr_weight(sched, t, 5.0)
+    assert torch.allclose(w, torch.stack([5.0 / snr[0], torch.tensor(1.0)]))
+    assert torch.equal(min_snr_weight(sched, t, 0.0), torch.ones(2))
+
+
+def test_generator_gate_config_refuses_a_bad_split_and_checks_at_the_threshold():
+    from zr_diffusion.synthetic.gates import GeneratorGate, gate_check
+
+    with pytest.raises(ValueError, match="generator.gate.split='train'"):
+        GeneratorGate(split="train")
+    assert gate_check(3.0, 3.0)["passed"] and not gate_check(2.99, 3.0)["passed"]
+
+
+def test_trained_generator_is_a_diffusers_pipeline_with_the_world_tokenizer(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from zr_diffusion.synthetic.generator import GeneratorConfig, train_generator
+
+    world = WorldConfig(seed=0, image_size=32, num_prompts=6, images_per_prompt=2)
+    ds = build_reward_dataset(world, tmp_path / "world")
+    cfg = GeneratorConfig(channels=8, text_width=16, num_images=8, batch_size=4, vae_steps=2, steps=2)
+    metrics = train_generator(tmp_path / "gen", world, ds.images, cfg, seed=0)
+    pipe = DiffusionPipeline.from_pretrained(metrics["pipeline"])
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert len(pipe.tokenizer.tokenize(SCENE.prompt)) == 6
+    assert pipe.vae.config.scaling_factor == pytest.approx(metrics["latent_scaling_factor"])
+    assert len(metrics["train"]) == 2 and metrics["cpu_seconds"] > 0

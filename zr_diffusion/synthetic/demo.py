@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from zr_diffusion.synthetic.gates import GeneratorGate
 from zr_diffusion.synthetic.generator import GeneratorConfig
 from zr_diffusion.synthetic.pretrain import PretrainConfig
 from zr_diffusion.synthetic.stages import Cache, Context
@@ -174,7 +175,7 @@ def _t2i_zreward() -> dict[str, Any]:
 
 @dataclass
 class T2ISettings:
-    """The generator stage: from-scratch training, the SFT baseline, the Z-Reward LoRA, GSB.
+    """The generator stage: from-scratch training, its gate, the SFT baseline, the Z-Reward LoRA, GSB.
 
     ``sft`` holds SFTT2IConfig keys and ``zreward`` FinetuneT2IConfig keys (the demo fills in the
     pipeline, records, prompts, reward model, image size, seed and output folder). The Z-Reward LoRA
@@ -182,6 +183,7 @@ class T2ISettings:
     """
 
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    gate: GeneratorGate = field(default_factory=GeneratorGate)
     sft: dict[str, Any] = field(default_factory=_t2i_sft)
     zreward: dict[str, Any] = field(default_factory=_t2i_zreward)
     gsb: GSBSettings = field(default_factory=GSBSettings)

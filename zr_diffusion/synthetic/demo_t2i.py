@@ -4,6 +4,8 @@ Steps (each cached on its own):
 
 - ``generator/base``     the tiny pipeline trained from scratch on world renders of mixed quality
                          (:mod:`synthetic.generator`);
+- ``generator/gate``     the base generator's gate on held-out prompts: oracle alignment and
+                         aggregate against the world's renders (:mod:`synthetic.gates`);
 - ``generator/sft``      the SFT baseline: :func:`pipelines.sft.train_t2i_sft` (LoRA, denoising loss)
                          on the annotator-preferred training images (``min_score`` on the mean
                          annotated score);
@@ -50,8 +52,21 @@ def _base(ctx: Context, folder: Path) -> dict:
         "final_loss": float(np.mean([r["loss"] for r in metrics["train"][-20:]])),
         "train_images": metrics["train_images"],
         "denoiser_params": metrics["denoiser_params"],
+        "train_seconds": metrics["seconds"],
+        "cpu_seconds": metrics["cpu_seconds"],
+        "threads": metrics["threads"],
         "train_metrics": str(folder / "metrics.json"),
     }
+
+
+def _gate(ctx: Context, folder: Path, pipeline: str) -> dict:
+    from zr_diffusion.io import atomic_write_json
+    from zr_diffusion.synthetic.gates import generator_gate
+
+    data, _ = _world_paths(ctx)
+    result = generator_gate(pipeline, data / "images.jsonl", ctx.cfg.generator.gate, ctx.cfg.world.image_size)
+    atomic_write_json(folder / "gate.json", result)
+    return result
 
 
 def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
@@ -206,6 +221,11 @@ def run_generator(ctx: Context, folder: Path) -> dict:
         {"generator": gen.generator, "world": world_hash, "seed": cfg.seed},
         lambda d: _base(ctx, d),
     )
+    gate = ctx.cache.run(
+        "generator/gate",
+        {"gate": gen.gate, "base": base["hash"], "world": world_hash},
+        lambda d: _gate(ctx, d, base["pipeline"]),
+    )
     sft = ctx.cache.run(
         "generator/sft",
         {"sft": gen.sft, "base": base["hash"], "world": world_hash, "seed": cfg.seed},
@@ -234,12 +254,15 @@ def run_generator(ctx: Context, folder: Path) -> dict:
     )
     main = gsb["comparisons"]["zreward_vs_sft"]
     om = gsb["oracle_means"]
+    checks = gate["checks"]
     line = (
+        f"generator gate {'passed' if gate['passed'] else 'FAILED'} (oracle alignment "
+        f"{checks['alignment']['value']:.2f}, aggregate {checks['aggregate_ratio']['value']:.0%} of the renders'); "
         f"GSB Z-Reward vs SFT {main['gsb']:+.1%} (G {main['good']} / S {main['same']} / B {main['bad']}, "
         f"oracle raters); oracle aggregate base {om['base']['aggregate']:.2f}, SFT {om['sft']['aggregate']:.2f}, "
         f"Z-Reward {om['zreward']['aggregate']:.2f}"
     )
-    return {"line": line, "base": base, "sft": sft, "zreward": zr, "gsb": gsb}
+    return {"line": line, "base": base, "gate": gate, "sft": sft, "zreward": zr, "gsb": gsb}
 
 
 __all__ = ["COMPARISONS", "VARIANTS", "run_generator"]

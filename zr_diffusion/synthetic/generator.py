@@ -1,31 +1,35 @@
 """The demo's text-to-image generator, trained here from scratch on world images (``zr demo``).
 
-A tiny Stable Diffusion pipeline (the real diffusers classes, :func:`pipelines.tiny.build_tiny_t2i`)
-starts from random weights. Nothing about it is pretrained, so it is trained in two phases on world
-renders of *mixed quality* (the world's own defect distribution, so it learns to make defects too):
+A tiny Stable Diffusion pipeline (the real diffusers classes) starts from random weights. Nothing
+about it is pretrained, so it is trained in two phases on renders of the training prompts with the
+generator's own defect rate (``defect_prob``, below the world's: cleaner samples, still with some
+defects for SFT and Z-Reward to remove):
 
 1. the VAE as an autoencoder: ``MSE(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, 1))``; its
    ``scaling_factor`` is then set to ``1 / std`` of the latents (the diffusers convention);
-2. the denoiser (UNet, full training) with the ordinary DDPM ε-prediction loss on the frozen VAE's
-   latents (the posterior means: a short-trained VAE's posterior noise would otherwise be most of
-   what the denoiser has to model), optionally together with the CLIP text encoder; prompts are
-   dropped to "" with probability ``cond_dropout`` so that classifier-free guidance works at
-   sampling time.
+2. the denoiser (UNet, full training) and the CLIP text encoder with the DDPM ε-prediction loss,
+   Min-SNR-γ weighted (:func:`min_snr_weight`), on the frozen VAE's latents (the posterior means: a
+   short-trained VAE's posterior noise would otherwise be most of what the denoiser has to model);
+   prompts are dropped to "" with probability ``cond_dropout`` so that classifier-free guidance
+   works at sampling time; the saved weights are an exponential moving average (``ema_decay``).
 
-The pipeline is the tiny SD pipeline of :mod:`pipelines.tiny` (tokenizer, text encoder, scheduler)
-with a VAE and a UNet sized here (:func:`build_vae`, :func:`build_unet`).
+The tokenizer is a CLIP tokenizer with one token per word of the world's grammar besides the
+byte tokens (:func:`world_tokenizer`), so that the text encoder starts from words, not letters.
+The scheduler and pipeline class are those of :mod:`pipelines.tiny`; the VAE, UNet and text encoder
+are sized here (:func:`build_vae`, :func:`build_unet`, :func:`build_text_encoder`).
 
-Only training prompts are rendered (held-out prompts stay unseen for GSB). The result is a normal
-pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
+Only training prompts are rendered (held-out prompts stay unseen for the gate and GSB). The result
+is a normal pipeline folder that ``load_adapter`` / ``DiffusionPipeline.from_pretrained`` load.
 
-Dimension names: B images, C/H/W image, c/h/w latents.
+Dimension names: B images, C/H/W image, c/h/w latents, L tokens.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,17 +50,21 @@ class GeneratorConfig:
     levels: int = 3  # denoiser resolution levels (the first has no cross-attention)
     vae_channels: int = 16  # VAE width: block_out_channels (c, 2c), one 2x downsampling
     latent_channels: int = 4
-    max_text_len: int = 48  # tokenizer length: the longest world prompt is about 40 byte tokens
-    num_images: int = 2048  # world renders of the training prompts (mixed quality)
+    max_text_len: int = 16  # tokenizer length: a world prompt is at most 8 word tokens with BOS/EOS
+    text_width: int = 64  # CLIP text encoder hidden size (2 layers)
+    num_images: int = 2048  # world renders of the training prompts
+    defect_prob: float = 0.3  # per dimension, chance that a training render has a defect (world's: 0.6)
     batch_size: int = 16
     vae_steps: int = 300
     vae_lr: float = 3e-3
     kl_weight: float = 1e-4
-    steps: int = 1200  # denoiser optimizer steps
-    lr: float = 1e-3  # AdamW, cosine decay after warmup
+    steps: int = 2400  # denoiser optimizer steps
+    lr: float = 2e-3  # AdamW, cosine decay after warmup
     warmup_steps: int = 20
     cond_dropout: float = 0.1  # probability of training on the empty prompt (classifier-free guidance)
     train_text_encoder: bool = True  # the tiny CLIP text encoder is random too: train it with the denoiser
+    snr_gamma: float = 5.0  # Min-SNR-γ loss weight min(SNR, γ) / SNR (Hang et al. 2023); 0: plain MSE
+    ema_decay: float = 0.999  # the saved denoiser and text encoder are EMA weights (0: the last weights)
 
     def __post_init__(self) -> None:
         if self.family != "sd":
@@ -71,6 +79,7 @@ class GeneratorConfig:
             "vae_channels",
             "latent_channels",
             "max_text_len",
+            "text_width",
             "num_images",
             "batch_size",
             "vae_steps",
@@ -80,6 +89,18 @@ class GeneratorConfig:
                 raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"generator.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 <= self.defect_prob <= 1:
+            raise ValueError(f"generator.defect_prob must be a probability in [0, 1], got {self.defect_prob}")
+        if self.snr_gamma < 0:
+            raise ValueError(
+                f"generator.snr_gamma must be >= 0 (0 turns the weighting off), got {self.snr_gamma}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"generator.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.text_width % 16 != 0:
+            raise ValueError(
+                f"generator.text_width must be a multiple of 16 (4 heads), got {self.text_width}"
+            )
 
 
 def _cosine(optimizer, warmup: int, total: int):
@@ -90,6 +111,77 @@ def _cosine(optimizer, warmup: int, total: int):
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def world_words() -> list[str]:
+    """Every word of the world's prompt grammar (counts, colours, shapes and plurals, position phrases)."""
+    from zr_diffusion.synthetic.shapes import SHAPES
+    from zr_diffusion.synthetic.world import COLORS, COUNT_WORDS, COUNTS, POSITION_PHRASES, plural
+
+    words = {COUNT_WORDS[n] for n in COUNTS} | set(COLORS)
+    words |= {plural(shape, n) for shape in SHAPES for n in (1, 2)}
+    words |= {w for phrase in POSITION_PHRASES.values() for w in phrase.split()}
+    return sorted(words)
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges (most frequent adjacent pair first, ties by the pair's text) until every word is one
+    token, in CLIP's convention: a word is its characters, the last one suffixed with ``</w>``."""
+    seqs = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words))]
+    merges: list[tuple[str, str]] = []
+    while any(len(s) > 1 for s in seqs):
+        pairs = Counter(p for s in seqs for p in zip(s, s[1:]))
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = []
+        for s in seqs:
+            out: list[str] = []
+            for piece in s:
+                if out and (out[-1], piece) == best:
+                    out[-1] += piece
+                else:
+                    out.append(piece)
+            merged.append(tuple(out))
+        seqs = merged
+    return merges
+
+
+def world_tokenizer(max_len: int):
+    """A CLIP tokenizer whose vocabulary is every byte (any text still tokenizes) plus one token per
+    word of the world's grammar (:func:`world_words`), so that the from-scratch text encoder starts
+    from words, not letters."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    merges = learn_merges(world_words())
+    tokens += list(dict.fromkeys(a + b for a, b in merges if a + b not in set(tokens)))
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=max_len)
+    split = [w for w in world_words() if len(tok.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"world_tokenizer: the learned merges leave {split} in several tokens")
+    return tok
+
+
+def build_text_encoder(cfg: GeneratorConfig, vocab_size: int):
+    """CLIPTextModel (2 layers, 4 heads, ``text_width`` wide) over ``vocab_size`` tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=cfg.text_width,
+            intermediate_size=2 * cfg.text_width,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=cfg.max_text_len,
+            hidden_act="gelu",
+        )
+    )
 
 
 def build_vae(cfg: GeneratorConfig, size: int):
@@ -110,7 +202,7 @@ def build_vae(cfg: GeneratorConfig, size: int):
     )
 
 
-def build_unet(cfg: GeneratorConfig, size: int, pipe):
+def build_unet(cfg: GeneratorConfig, size: int, text_encoder):
     """UNet2DConditionModel on the latents: ``levels`` resolutions, cross-attention below the first."""
     from diffusers import UNet2DConditionModel
 
@@ -123,7 +215,7 @@ def build_unet(cfg: GeneratorConfig, size: int, pipe):
         layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=pipe.text_encoder.config.hidden_size,
+        cross_attention_dim=text_encoder.config.hidden_size,
         attention_head_dim=8,
         norm_num_groups=8,
     )
@@ -171,74 +263,106 @@ def _recon_mse(vae, images: torch.Tensor) -> float:
     return float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), x))
 
 
-def _encode_text(pipe, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
+def min_snr_weight(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weight of the ε-prediction loss, ``min(SNR_t, γ) / SNR_t`` with ``SNR_t = ᾱ_t / (1 − ᾱ_t)``
+    (Hang et al. 2023, for ε-prediction); ones when ``gamma`` is 0. ``t [B]`` → ``[B]``."""
+    if gamma == 0:
+        return torch.ones(t.shape)
+    abar = sched.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / snr
+
+
+def _token_ids(pipe, prompts: list[str]) -> torch.Tensor:
+    return pipe.tokenizer(
         prompts,
         padding="max_length",
         max_length=pipe.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0]  # [B, L, D], as StableDiffusionPipeline.encode_prompt reads it
+    ).input_ids  # [B, L], as StableDiffusionPipeline.encode_prompt builds them
 
 
-def train_generator(
-    out_dir: str | Path, world: WorldConfig, images_jsonl: str | Path, cfg: GeneratorConfig, seed: int = 0
-) -> dict:
-    """Train the tiny pipeline from scratch; writes ``out_dir/pipeline`` and ``out_dir/metrics.json``."""
+def _training_renders(world: WorldConfig, images_jsonl: str | Path, cfg: GeneratorConfig):
+    """``num_images`` renders of the training prompts with the generator's own defect rate."""
+    scenes = split_scenes(images_jsonl)["train"]
+    items = render_items(scenes, replace(world, defect_prob=cfg.defect_prob), cfg.num_images, stream=2)
+    images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [N, 3, H, W]
+    return images, [it.prompt for it in items], len(scenes)
+
+
+def _train_denoiser(pipe, latents: torch.Tensor, ids: torch.Tensor, cfg: GeneratorConfig, gen) -> list[dict]:
+    """DDPM ε-prediction on ``latents [N, c, h, w]`` (already scaled) with token ids ``[N, L]``; the
+    weights left in the modules are the EMA weights (``ema_decay`` > 0)."""
     from tqdm.auto import tqdm
 
-    from zr_diffusion.pipelines.tiny import TinySpec, build_tiny_t2i
-
-    out = Path(out_dir)
-    tic = time.perf_counter()
-    scenes = split_scenes(images_jsonl)["train"]
-    items = render_items(scenes, world, cfg.num_images, stream=2)
-    images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [N, 3, H, W]
-    prompts = [it.prompt for it in items]
-    spec = TinySpec(sample_size=world.image_size, channels=8, max_text_len=cfg.max_text_len)
-    pipe = build_tiny_t2i(cfg.family, seed=seed, spec=spec)  # tokenizer, text encoder, scheduler
-    torch.manual_seed(seed)
-    pipe.register_modules(vae=build_vae(cfg, world.image_size), unet=build_unet(cfg, world.image_size, pipe))
-    gen = torch.Generator().manual_seed(seed)
-
-    vae_log = _train_vae(pipe.vae, images, cfg, gen, "generator")
-    mean = _latent_means(pipe.vae, images)
-    scale = float(1.0 / mean.std())
-    pipe.vae.register_to_config(scaling_factor=scale)
-
     unet, text_encoder, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+    empty = _token_ids(pipe, [""])  # [1, L]
     unet.requires_grad_(True).train()
     params = list(unet.parameters())
+    text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
     if cfg.train_text_encoder:
-        text_encoder.requires_grad_(True).train()
         params += list(text_encoder.parameters())
-    else:
-        text_encoder.requires_grad_(False).eval()
+    ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     schedule = _cosine(optimizer, cfg.warmup_steps, cfg.steps)
     n_train = sched.config.num_train_timesteps
     log = []
     bar = tqdm(range(cfg.steps), desc="generator denoiser", dynamic_ncols=True, leave=False)
     for step in bar:
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        x0 = mean[idx] * scale  # [B, c, h, w] the posterior means: the denoiser models the codes themselves
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
-        batch_prompts = ["" if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        batch_ids = torch.where(drop[:, None], empty, ids[idx])  # [B, L]
         with torch.set_grad_enabled(cfg.train_text_encoder):
-            embeds = _encode_text(pipe, batch_prompts)
+            embeds = text_encoder(batch_ids)[0]  # [B, L, D]
+        x0 = latents[idx]
         t = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=embeds).sample
-        loss = F.mse_loss(pred, noise)
+        per_image = (pred - noise).pow(2).mean(dim=(1, 2, 3))  # [B]
+        loss = (min_snr_weight(sched, t, cfg.snr_gamma) * per_image).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         log.append({"step": step + 1, "loss": float(loss.detach())})
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    for module in (unet, text_encoder, pipe.vae):
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return log
+
+
+def train_generator(
+    out_dir: str | Path, world: WorldConfig, images_jsonl: str | Path, cfg: GeneratorConfig, seed: int = 0
+) -> dict:
+    """Train the tiny pipeline from scratch; writes ``out_dir/pipeline`` and ``out_dir/metrics.json``."""
+    from zr_diffusion.pipelines.tiny import TinySpec, build_tiny_t2i
+
+    out = Path(out_dir)
+    tic, cpu = time.perf_counter(), time.process_time()
+    images, prompts, n_prompts = _training_renders(world, images_jsonl, cfg)
+    spec = TinySpec(sample_size=world.image_size, channels=8, max_text_len=cfg.max_text_len)
+    pipe = build_tiny_t2i(cfg.family, seed=seed, spec=spec)  # the pipeline class and its scheduler
+    torch.manual_seed(seed)
+    tokenizer = world_tokenizer(cfg.max_text_len)
+    text_encoder = build_text_encoder(cfg, len(tokenizer))
+    vae, unet = build_vae(cfg, world.image_size), build_unet(cfg, world.image_size, text_encoder)
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet)
+    gen = torch.Generator().manual_seed(seed)
+
+    vae_log = _train_vae(pipe.vae, images, cfg, gen, "generator")
+    mean = _latent_means(pipe.vae, images)
+    scale = float(1.0 / mean.std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    vae_seconds = time.perf_counter() - tic
+
+    log = _train_denoiser(pipe, mean * scale, _token_ids(pipe, prompts), cfg, gen)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         module.requires_grad_(False).eval()
 
     def write(tmp: Path) -> None:
@@ -248,13 +372,17 @@ def train_generator(
     metrics = {
         "family": cfg.family,
         "train_images": len(images),
-        "train_prompts": len(scenes),
+        "train_prompts": n_prompts,
         "vae": vae_log,
         "vae_recon_mse": _recon_mse(pipe.vae, images[:256]),
         "latent_scaling_factor": scale,
         "train": log,
-        "denoiser_params": sum(p.numel() for p in unet.parameters()),
+        "denoiser_params": sum(p.numel() for p in pipe.unet.parameters()),
+        "text_encoder_params": sum(p.numel() for p in pipe.text_encoder.parameters()),
+        "vae_seconds": vae_seconds,
         "seconds": time.perf_counter() - tic,
+        "cpu_seconds": time.process_time() - cpu,  # all threads together
+        "threads": torch.get_num_threads(),
         "pipeline": str(out / "pipeline"),
     }
     atomic_write_json(out / "metrics.json", metrics)

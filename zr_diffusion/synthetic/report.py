@@ -240,6 +240,47 @@ def _header(ctx: Context, versions: dict, wall: float) -> list[str]:
     ]
 
 
+def gate_rows(ctx: Context) -> list[dict]:
+    """Every precondition gate measured by this run: name, what it measures, value, threshold, passed."""
+    gate = ctx.results["generator"]["gate"]
+    where = f"{gate['prompts']} {gate['split']} prompts x {len(gate['seeds'])} seeds"
+    c = gate["checks"]
+    return [
+        {
+            "gate": "generator: oracle alignment mean",
+            "on": where,
+            "value": f"{c['alignment']['value']:.2f}",
+            "threshold": f">= {c['alignment']['threshold']:.2f}",
+            "passed": c["alignment"]["passed"],
+        },
+        {
+            "gate": "generator: oracle aggregate / renders' aggregate",
+            "on": f"{where}; renders {gate['render_means']['aggregate']:.2f}",
+            "value": f"{c['aggregate_ratio']['value']:.2f}",
+            "threshold": f">= {c['aggregate_ratio']['threshold']:.2f}",
+            "passed": c["aggregate_ratio"]["passed"],
+        },
+    ]
+
+
+def _gates_section(ctx: Context) -> list[str]:
+    rows = gate_rows(ctx)
+    failed = [r["gate"] for r in rows if not r["passed"]]
+    lines = ["## Gates: preconditions on the shared base models", ""]
+    if failed:
+        lines += [
+            f"> **{len(failed)} gate(s) FAILED: {'; '.join(failed)}.** The comparisons below rest on a "
+            "precondition that does not hold; read them as such.",
+            "",
+        ]
+    lines += ["| gate | measured on | value | threshold | result |", "|---|---|---:|---:|---|"]
+    lines += [
+        f"| {r['gate']} | {r['on']} | {r['value']} | {r['threshold']} | {'pass' if r['passed'] else '**FAIL**'} |"
+        for r in rows
+    ]
+    return lines + [""]
+
+
 def _cpus() -> int:
     import os
 
@@ -374,7 +415,8 @@ def _generator_section(ctx: Context) -> list[str]:
         "",
         f"A tiny `{ctx.cfg.generator.generator.family}` pipeline trained from scratch here ({g['base']['denoiser_params']:,} "
         f"denoiser parameters, {g['base']['train_images']} renders of training prompts, VAE reconstruction MSE "
-        f"{g['base']['vae_recon_mse']:.4f} in [-1, 1]). SFT baseline: LoRA with the denoising loss on the "
+        f"{g['base']['vae_recon_mse']:.4f} in [-1, 1]; {g['base']['train_seconds']:.0f} s, "
+        f"{g['base']['cpu_seconds']:.0f} CPU s at {g['base']['threads']} torch threads). SFT baseline: LoRA with the denoising loss on the "
         f"{g['sft']['examples']} of {g['sft']['candidate_images']} training images whose mean annotated score is "
         f">= {g['sft']['min_score']}. Z-Reward: a LoRA on the SFT model (its LoRA fused in) trained with reward "
         f"gradients from the frozen RISD student (student reward during training "
@@ -431,6 +473,7 @@ def _metrics(ctx: Context, versions: dict, wall: float) -> dict:
         "wall_seconds_this_invocation": wall,
         "stage_seconds": {s: ctx.results[s]["seconds"] for s in ctx.results},
         "stages": {s: ctx.results[s] for s in ctx.results},
+        "gates": gate_rows(ctx),
         "paper": {
             "reward_table": {
                 k: dict(zip(("name", "plcc", "srcc", "hpa", "margin_hpa"), v)) for k, v in PAPER_TABLE.items()
@@ -460,6 +503,7 @@ def run_report(ctx: Context, folder: Path) -> dict:
     save_config(ctx.cfg, ctx.root / "config.yaml")
     lines = (
         _header(ctx, versions, wall)
+        + _gates_section(ctx)
         + _world_section(ctx)
         + _vlm_section(ctx)
         + _reward_section(ctx)
