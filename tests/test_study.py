@@ -1,5 +1,6 @@
 """The study's statistics (zr_diffusion/synthetic/study.py): hand-computed values."""
 
+import json
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from zr_diffusion.synthetic.study import (
     student_t_quantile,
     verdict,
 )
+from zr_diffusion.synthetic.study_report import reward_study_markdown
 
 S = StudySettings()
 
@@ -139,3 +141,90 @@ def test_all_dimensions_verdict():
 def test_settings_reject_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
         StudySettings(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# the reward section of the study report, on hand-made predictions
+
+# two prompts, one pair each: a0 (ŝ 3) beats a1 (ŝ 1), b0 (ŝ 4) beats b1 (ŝ 2)
+RECORDS = {"a0": ("a", 3.0), "a1": ("a", 1.0), "b0": ("b", 4.0), "b1": ("b", 2.0)}
+RIGHT, WRONG, TIE = (2.0, 1.0), (1.0, 2.0), (1.5, 1.5)  # (μ_winner, μ_loser)
+LABELS = {
+    "gdso": "GDSO",
+    "grpo": "GRPO",
+    "teacher_sft": "Teacher SFT",
+    "rewarddance": "RewardDance",
+    "student_sft": "Student SFT",
+    "opd": "OPD",
+    "risd": "RISD",
+}
+
+
+def _write_seed(folder, outcomes):
+    """outcomes: run -> (pair a outcome, pair b outcome) as (μ_w, μ_l)."""
+    for run, (on_a, on_b) in outcomes.items():
+        mu = {"a0": on_a[0], "a1": on_a[1], "b0": on_b[0], "b1": on_b[1]}
+        rows = [
+            {"id": i, "prompt": p, "dimension": "alignment", "score": s, "mu": mu[i]}
+            for i, (p, s) in RECORDS.items()
+        ]
+        path = folder / "reward" / run / "eval" / "predictions.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _seed(folder, opd):
+    return _write_seed(
+        folder,
+        {
+            "gdso": (RIGHT, WRONG),  # HPA 0.5
+            "grpo": (TIE, WRONG),  # HPA 0, tie rate 0.5, ties as half 0.25
+            "teacher_sft": (RIGHT, WRONG),
+            "rewarddance": (RIGHT, RIGHT),
+            "student_sft": (WRONG, WRONG),
+            "opd": opd,
+            "risd": (RIGHT, WRONG),
+        },
+    )
+
+
+def _verdicts(md):
+    return {
+        row.split(" | ")[1]: row.split(" | ")[-1].rstrip(" |")
+        for row in md.splitlines()
+        if row.startswith("| teacher |") or row.startswith("| student |")
+    }
+
+
+def test_reward_study_rows_cis_and_verdicts(tmp_path):
+    dirs = {0: _seed(tmp_path / "s0", (WRONG, WRONG)), 1: _seed(tmp_path / "s1", (RIGHT, RIGHT))}
+    md = reward_study_markdown(dirs, LABELS, S)
+    assert "| 0 | GRPO | 0.000 [0.000, 0.000] | 0.500 | 0.250 | 2 |" in md
+    assert "| 1 | GDSO | 0.500 [0.000, 1.000] | 0.000 | 0.500 | 2 |" in md
+    assert "| OPD | 0.500 [" in md  # per-seed HPA 0 and 1: mean 0.5, t CI over 2 seeds
+    assert _verdicts(md) == {
+        "GDSO > GRPO": CONFIRMED,  # d = 0.5 in both seeds
+        "GDSO > SFT": NOT_SHOWN,  # d = 0
+        "GDSO > RewardDance": CONTRADICTED,  # d = −0.5 in both seeds
+        "RISD > OPD": NOT_SHOWN,  # d = 0.5, then −0.5: t CI over 2 seeds includes 0
+        "RISD > student SFT": CONFIRMED,
+        "RISD close to its GDSO teacher": CONFIRMED,  # d = 0 on every resample
+    }
+    # per seed, the paired difference GDSO − GRPO: pairs (1, 0) -> 0.5 [0, 1]
+    gdso_grpo = next(r for r in md.splitlines() if "GDSO > GRPO" in r)
+    assert gdso_grpo.count("0.500 [0.000, 1.000]") == 2 and "0.500 [0.500, 0.500]" in gdso_grpo
+
+
+def test_reward_study_one_seed_uses_the_bootstrap_ci(tmp_path):
+    md = reward_study_markdown({3: _seed(tmp_path / "s3", (WRONG, WRONG))}, LABELS, S)
+    assert "(one seed)" in md and "mean HPA over" not in md
+    assert _verdicts(md)["GDSO > GRPO"] == NOT_SHOWN  # per-seed CI [0, 1] includes 0
+
+
+def test_reward_study_rejects_predictions_without_prompts(tmp_path):
+    folder = _seed(tmp_path / "s0", (WRONG, WRONG))
+    path = folder / "reward" / "gdso" / "eval" / "predictions.jsonl"
+    path.write_text(json.dumps({"id": "a0", "dimension": "alignment", "score": 3.0, "mu": 1.0}) + "\n")
+    with pytest.raises(ValueError, match=r"predictions.jsonl:1: missing \['prompt'\]"):
+        reward_study_markdown({0: folder}, LABELS, S)

@@ -36,6 +36,7 @@ from zr_diffusion.synthetic.gates import GeneratorGate
 from zr_diffusion.synthetic.generator import GeneratorConfig
 from zr_diffusion.synthetic.pretrain import PretrainConfig
 from zr_diffusion.synthetic.stages import Cache, Context
+from zr_diffusion.synthetic.study import StudySettings
 from zr_diffusion.synthetic.world import WorldConfig
 
 STAGES = ("world", "vlm", "reward", "generator", "report")
@@ -203,6 +204,7 @@ class DemoConfig:
     vlm: VLMSettings = field(default_factory=VLMSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     generator: T2ISettings = field(default_factory=T2ISettings)
+    study: StudySettings = field(default_factory=StudySettings)  # CIs and verdicts of a multi-seed study
 
     def __post_init__(self) -> None:
         if self.world.seed != 0:
