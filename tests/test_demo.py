@@ -219,3 +219,10 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
         row.endswith((f"{CONFIRMED} |", f"{NOT_SHOWN} |", f"{CONTRADICTED} |")) for row in verdict_rows
     )
     assert all(row.count("[") == 3 for row in verdict_rows)  # two per-seed CIs and the across-seed CI
+    gsb_row = next(line for line in lines if line.startswith("| GSB Z-Reward vs SFT > 0 |"))
+    gsb_seed0 = json.loads((out / "generator" / "done.json").read_text())["summary"]["gsb"]["comparisons"]
+    assert gsb_row.split(" | ")[1].startswith(f"{gsb_seed0['zreward_vs_sft']['gsb']:.3f} [")  # (G − B) / N
+    dims = [line for line in lines if line.startswith("| oracle ")]
+    assert len(dims) == 4 and all(line.count("[") == 3 for line in dims + [gsb_row])
+    last = next(line for line in lines if line.startswith("| no oracle dimension of Z-Reward below SFT |"))
+    assert last.endswith((f"{CONFIRMED} |", f"{NOT_SHOWN} |", f"{CONTRADICTED} |"))

@@ -22,7 +22,7 @@ from zr_diffusion.synthetic.study import (
     student_t_quantile,
     verdict,
 )
-from zr_diffusion.synthetic.study_report import reward_study_markdown
+from zr_diffusion.synthetic.study_report import generator_study_markdown, reward_study_markdown
 
 S = StudySettings()
 
@@ -228,3 +228,36 @@ def test_reward_study_rejects_predictions_without_prompts(tmp_path):
     path.write_text(json.dumps({"id": "a0", "dimension": "alignment", "score": 3.0, "mu": 1.0}) + "\n")
     with pytest.raises(ValueError, match=r"predictions.jsonl:1: missing \['prompt'\]"):
         reward_study_markdown({0: folder}, LABELS, S)
+
+
+def _write_generator(folder, verdicts, diffs):
+    """verdicts: one G/S/B per item (prompts a, b); diffs: dimension -> Z-Reward − SFT per item."""
+    gsb = folder / "generator" / "gsb"
+    gsb.mkdir(parents=True)
+    items = [{"prompt": p, "seed": 0, "verdict": v} for p, v in zip("ab", verdicts)]
+    (gsb / "verdicts_zreward_vs_sft.json").write_text(json.dumps(items))
+    sft = [{d: 3.0 for d in diffs} for _ in verdicts]
+    zr = [{d: 3.0 + diffs[d][i] for d in diffs} for i in range(len(verdicts))]
+    (gsb / "oracle_scores.json").write_text(json.dumps({"base": sft, "sft": sft, "zreward": zr}))
+    return folder
+
+
+def test_generator_study_gsb_and_oracle_dimension_verdicts(tmp_path):
+    diffs = {"alignment": [0.5, 0.5], "realism": [-1.0, -1.0], "aesthetics": [0.0, 0.0]}
+    dirs = {
+        0: _write_generator(tmp_path / "s0", ["G", "G"], diffs),  # GSB 1 on both prompts
+        1: _write_generator(tmp_path / "s1", ["G", "B"], diffs),  # GSB 0: items +1, −1
+    }
+    md = generator_study_markdown(dirs, S)
+    rows = {
+        r.split(" | ")[0].lstrip("| "): r for r in md.splitlines() if r.startswith("| ") and "claim" not in r
+    }
+    # GSB: seed 0 1.0 [1, 1]; seed 1 0.0 [−1, 1]; across seeds (1, 0): mean 0.5, t CI ±12.706·0.7071/√2
+    assert (
+        "| 1.000 [1.000, 1.000] | 0.000 [-1.000, 1.000] | 0.500 [-5.853, 6.853] | Not shown |"
+        in rows["GSB Z-Reward vs SFT > 0"]
+    )
+    assert rows["oracle alignment: Z-Reward > SFT"].endswith(f"| {CONFIRMED} |")
+    assert rows["oracle realism: Z-Reward > SFT"].endswith(f"| {CONTRADICTED} |")
+    assert rows["oracle aesthetics: Z-Reward > SFT"].endswith(f"| {NOT_SHOWN} |")
+    assert rows["no oracle dimension of Z-Reward below SFT"].endswith(f"| {CONTRADICTED} |")

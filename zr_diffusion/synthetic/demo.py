@@ -317,10 +317,11 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False) -> Path:
     """Run (or reuse) the demo once per seed into ``<output_dir>/seed-<k>``, then write
-    ``<output_dir>/study.md``: per-seed rows, CIs and verdicts (synthetic/study_report.py)."""
+    ``<output_dir>/study.md``: per-seed rows, CIs and verdicts, reward models then generator
+    (synthetic/study_report.py)."""
     from zr_diffusion.io import atomic_write_text
     from zr_diffusion.synthetic.demo_reward import RUNS
-    from zr_diffusion.synthetic.study_report import reward_study_markdown
+    from zr_diffusion.synthetic.study_report import generator_study_markdown, reward_study_markdown
 
     root = Path(cfg.output_dir)
     dirs = {s: root / f"seed-{s}" for s in seeds}
@@ -329,7 +330,8 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False) -> Path:
     labels = {r.name: r.label for r in RUNS}
     head = f"# zr demo study: preset {cfg.preset}, seeds {', '.join(map(str, seeds))}\n\n"
     body = "".join(f"- seed {s}: {dirs[s] / 'report.md'}\n" for s in seeds)
-    atomic_write_text(root / "study.md", head + body + "\n" + reward_study_markdown(dirs, labels, cfg.study))
+    tables = reward_study_markdown(dirs, labels, cfg.study) + "\n" + generator_study_markdown(dirs, cfg.study)
+    atomic_write_text(root / "study.md", head + body + "\n" + tables)
     print(f"zr demo: study of {len(seeds)} seed(s); report {root / 'study.md'}")
     return root / "study.md"
 

@@ -21,6 +21,8 @@ import numpy as np
 from zr_diffusion.synthetic.study import (
     Interval,
     StudySettings,
+    all_dimensions_verdict,
+    cluster_bootstrap,
     hpa_difference_interval,
     hpa_interval,
     pair_outcomes,
@@ -28,7 +30,17 @@ from zr_diffusion.synthetic.study import (
     verdict,
 )
 
-__all__ = ["REWARD_CLAIMS", "Claim", "SeedPairs", "load_predictions", "reward_study_markdown", "seed_pairs"]
+__all__ = [
+    "REWARD_CLAIMS",
+    "Claim",
+    "GeneratorItems",
+    "SeedPairs",
+    "generator_study_markdown",
+    "load_generator_items",
+    "load_predictions",
+    "reward_study_markdown",
+    "seed_pairs",
+]
 
 
 class Claim(NamedTuple):
@@ -167,7 +179,78 @@ def reward_study_markdown(
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"“Close” means |HPA(RISD) − HPA(GDSO)| < {settings.close_margin:g}. The generator claims (GSB > 0, "
-        "no oracle dimension below SFT) are not in this table yet.",
+        f"“Close” means |HPA(RISD) − HPA(GDSO)| < {settings.close_margin:g}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# the generator claims: GSB Z-Reward vs SFT and the oracle dimensions, per held-out item
+
+_VALUE = {"G": 1.0, "S": 0.0, "B": -1.0}  # GSB = (G − B) / N is the mean of these over the items
+
+
+class GeneratorItems(NamedTuple):
+    """One seed's held-out GSB items (prompt × sampling seed), in the generator stage's order."""
+
+    prompts: list[str]  # [N]
+    gsb: np.ndarray  # [N] +1 / 0 / −1: the raters' majority verdict, Z-Reward vs SFT
+    oracle_diff: dict[str, np.ndarray]  # dimension -> [N] oracle score Z-Reward − SFT, same noise
+
+
+def load_generator_items(folder: Path) -> GeneratorItems:
+    """From ``generator/gsb/verdicts_zreward_vs_sft.json`` and ``oracle_scores.json``."""
+    gsb_dir = folder / "generator" / "gsb"
+    paths = gsb_dir / "verdicts_zreward_vs_sft.json", gsb_dir / "oracle_scores.json"
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (run the demo's generator stage for this seed first)")
+    verdicts = json.loads(paths[0].read_text())
+    oracle = json.loads(paths[1].read_text())
+    z, sft = oracle["zreward"], oracle["sft"]
+    if not len(verdicts) == len(z) == len(sft):
+        raise ValueError(f"{gsb_dir}: {len(verdicts)} verdicts but {len(z)} / {len(sft)} oracle rows")
+    dims = list(z[0])
+    return GeneratorItems(
+        prompts=[v["prompt"] for v in verdicts],
+        gsb=np.array([_VALUE[v["verdict"]] for v in verdicts]),
+        oracle_diff={d: np.array([a[d] - b[d] for a, b in zip(z, sft)]) for d in dims},
+    )
+
+
+def _claim_cells(per_seed: Sequence[Interval], settings: StudySettings) -> tuple[list[str], Interval]:
+    across = seed_interval([d.estimate for d in per_seed], settings) if len(per_seed) >= 2 else per_seed[0]
+    cells = [d.cell() for d in per_seed] + [across.cell() if len(per_seed) >= 2 else "(one seed)"]
+    return cells, across
+
+
+def generator_study_markdown(seed_dirs: Mapping[int, Path], settings: StudySettings) -> str:
+    """The generator verdict rows: GSB Z-Reward vs SFT > 0, and each oracle dimension's Z-Reward − SFT
+    mean (the claim "no dimension below SFT" from the dimensions' "> 0" verdicts, strictly:
+    ``study.all_dimensions_verdict``). CIs as for the reward models, clustered by prompt."""
+    seeds = sorted(seed_dirs)
+    items = {s: load_generator_items(Path(seed_dirs[s])) for s in seeds}
+    pct = f"{settings.level:.0%}"
+    head = ["claim", *(f"seed {s}: Z-Reward − SFT [{pct} CI]" for s in seeds), "across seeds", "verdict"]
+    lines = ["## Generator verdicts (oracle raters and oracle scores, held-out prompts)", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    gsb_cis = [cluster_bootstrap(items[s].gsb, items[s].prompts, settings) for s in seeds]
+    cells, across = _claim_cells(gsb_cis, settings)
+    lines.append(
+        "| " + " | ".join(["GSB Z-Reward vs SFT > 0", *cells, verdict(across, "greater", settings)]) + " |"
+    )
+    dim_verdicts = []
+    for d in items[seeds[0]].oracle_diff:
+        cis = [cluster_bootstrap(items[s].oracle_diff[d], items[s].prompts, settings) for s in seeds]
+        cells, across = _claim_cells(cis, settings)
+        dim_verdicts.append(verdict(across, "greater", settings))
+        lines.append("| " + " | ".join([f"oracle {d}: Z-Reward > SFT", *cells, dim_verdicts[-1]]) + " |")
+    blank = [""] * (len(seeds) + 1)
+    claim = "no oracle dimension of Z-Reward below SFT"
+    lines.append("| " + " | ".join([claim, *blank, all_dimensions_verdict(dim_verdicts)]) + " |")
+    lines += [
+        "",
+        "GSB per item: +1 / 0 / −1 for the raters' majority G / S / B, so the mean is (G − B) / N. The last "
+        "row is Confirmed only when every dimension is, Contradicted when any dimension is.",
     ]
     return "\n".join(lines) + "\n"
