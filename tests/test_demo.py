@@ -7,13 +7,14 @@ changed setting rebuilds only what depends on it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from zr_diffusion.config import ConfigError, to_dict
-from zr_diffusion.synthetic.demo import STAGES, DemoConfig, demo, load_demo_config
+from zr_diffusion.synthetic.demo import STAGES, DemoConfig, demo, load_demo_config, parse_seeds, study
 from zr_diffusion.synthetic.demo_reward import RUNS
 from zr_diffusion.synthetic.report import VARIANT_LABELS
 from zr_diffusion.synthetic.stages import Cache
@@ -53,6 +54,17 @@ def test_cli_parses_the_demo_command():
     assert args.preset == "smoke" and args.fresh and args.overrides == ["seed=1"]
 
 
+def test_cli_parses_study_seeds_and_rejects_bad_ones():
+    from zr_diffusion.cli import build_parser, main
+
+    args = build_parser().parse_args(["demo", "--preset", "smoke", "--seeds", "0,1,2"])
+    assert parse_seeds(args.seeds) == (0, 1, 2)
+    for bad, why in (("0,x", "comma-separated integers"), ("1,1", "each seed once")):
+        with pytest.raises(ValueError, match=why):
+            parse_seeds(bad)
+    assert main(["demo", "--preset", "smoke", "--seeds", "0,0"]) != 0  # a clear error, no run
+
+
 # ------------------------------------------------------------------------------------------- cache
 
 
@@ -90,7 +102,7 @@ def test_cache_does_not_mark_a_failed_step_done(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("demo") / "seed-0"  # also seed 0 of a study in its parent folder
     cfg = load_demo_config("smoke", overrides=[f"output_dir={out}"])
     results = demo(cfg)
     return cfg, out, results
@@ -180,3 +192,37 @@ def test_smoke_changed_setting_rebuilds_only_what_depends_on_it(smoke_run, capsy
     for step in ("generator/base", "generator/gate", "generator/sft", "generator/zreward"):
         assert f"{step}: cached" in said
     assert results["generator"]["gsb"]["raters_per_item"] == 2
+
+
+def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
+    """A 2-seed study in the smoke run's parent folder (seed 0 reused from the cache, seed 1 a new
+    world): structure of study.md only, never particular values."""
+    from zr_diffusion.synthetic.study import CONFIRMED, CONTRADICTED, NOT_SHOWN
+    from zr_diffusion.synthetic.study_report import REWARD_CLAIMS
+
+    cfg, out, _ = smoke_run
+    path = study(dataclasses.replace(cfg, output_dir=str(out.parent)), (0, 1))
+    assert path == out.parent / "study.md" and (out.parent / "seed-1" / "report.md").is_file()
+    lines = path.read_text().splitlines()
+    for seed in (0, 1):
+        for run in RUNS:
+            assert sum(line.startswith(f"| {seed} | {run.label} | ") for line in lines) == 1, (seed, run)
+    means = [line for line in lines if line.startswith(tuple(f"| {run.label} | " for run in RUNS))]
+    assert len(means) == len(RUNS) and all(line.count("[") == 1 for line in means)
+    assert (
+        "| group | claim | seed 0: A − B [95% CI] | seed 1: A − B [95% CI] | across seeds | verdict |"
+        in lines
+    )
+    verdict_rows = [line for line in lines if line.startswith(("| teacher |", "| student |"))]
+    assert [row.split(" | ")[1] for row in verdict_rows] == [c.text for c in REWARD_CLAIMS]
+    assert all(
+        row.endswith((f"{CONFIRMED} |", f"{NOT_SHOWN} |", f"{CONTRADICTED} |")) for row in verdict_rows
+    )
+    assert all(row.count("[") == 3 for row in verdict_rows)  # two per-seed CIs and the across-seed CI
+    gsb_row = next(line for line in lines if line.startswith("| GSB Z-Reward vs SFT > 0 |"))
+    gsb_seed0 = json.loads((out / "generator" / "done.json").read_text())["summary"]["gsb"]["comparisons"]
+    assert gsb_row.split(" | ")[1].startswith(f"{gsb_seed0['zreward_vs_sft']['gsb']:.3f} [")  # (G − B) / N
+    dims = [line for line in lines if line.startswith("| oracle ")]
+    assert len(dims) == 4 and all(line.count("[") == 3 for line in dims + [gsb_row])
+    last = next(line for line in lines if line.startswith("| no oracle dimension of Z-Reward below SFT |"))
+    assert last.endswith((f"{CONFIRMED} |", f"{NOT_SHOWN} |", f"{CONTRADICTED} |"))

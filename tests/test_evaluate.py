@@ -310,6 +310,7 @@ def test_eval_reward_student_cli(tiny_eval, tmp_path, capsys):
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     for p in preds:
         k, dim = p["id"].split("-")
+        assert p["prompt"] == SCORES[int(k)][0]
         with torch.no_grad():
             mu = reward(load_image(root / f"img{k}.png")[None], [SCORES[int(k)][0]]).mu
         assert p["mu"] == pytest.approx(float(mu[0, reward.dimensions.index(dim)]), abs=1e-5)

@@ -335,6 +335,11 @@ COMMANDS: dict[str, Command] = {
             p.add_argument("--preset", default="default", choices=("default", "smoke")),
             p.add_argument("--config", help="demo YAML file to use instead of configs/demo/<preset>.yaml"),
             p.add_argument("--fresh", action="store_true", help="rebuild every stage, cached or not"),
+            p.add_argument(
+                "--seeds",
+                help="a study: comma-separated seeds (e.g. 0,1,2), one world each in <output_dir>/seed-<k>, "
+                "then <output_dir>/study.md",
+            ),
             p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. seed=1"),
         ],
         lazy("zr_diffusion.synthetic.demo:cli_run"),

@@ -5,7 +5,8 @@ records, a constant list) raises :class:`MetricUndefined` with a short ``reason`
 :func:`compute_metrics` stores ``None`` plus that reason, and the report shows ``n/a (<reason>)``.
 No NaN ever reaches ``metrics.json``.
 
-``evaluate_reward`` writes ``metrics.json``, ``metrics.md`` and ``predictions.jsonl`` (one μ per record).
+``evaluate_reward`` writes ``metrics.json``, ``metrics.md`` and ``predictions.jsonl`` (one μ per record,
+with its prompt and annotated score: the study's per-pair HPA needs them).
 
 Dimension names: P pairs, N records, B images in a batch, D rubric dimensions, S score bins.
 """
@@ -480,7 +481,7 @@ def evaluate_reward(cfg: EvalRewardConfig) -> EvalMetrics:
     )
     write_report(metrics, cfg.output_dir)
     predictions = [
-        {"id": r.id, "dimension": r.dimension, "score": r.score, "mu": m}
+        {"id": r.id, "prompt": r.prompt, "dimension": r.dimension, "score": r.score, "mu": m}
         | ({"reasoning": text} if text is not None else {})
         for r, m, text in zip(records, scoring.mu, scoring.reasoning)
     ]

@@ -36,6 +36,7 @@ from zr_diffusion.synthetic.gates import GeneratorGate
 from zr_diffusion.synthetic.generator import GeneratorConfig
 from zr_diffusion.synthetic.pretrain import PretrainConfig
 from zr_diffusion.synthetic.stages import Cache, Context
+from zr_diffusion.synthetic.study import StudySettings
 from zr_diffusion.synthetic.world import WorldConfig
 
 STAGES = ("world", "vlm", "reward", "generator", "report")
@@ -203,6 +204,7 @@ class DemoConfig:
     vlm: VLMSettings = field(default_factory=VLMSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     generator: T2ISettings = field(default_factory=T2ISettings)
+    study: StudySettings = field(default_factory=StudySettings)  # CIs and verdicts of a multi-seed study
 
     def __post_init__(self) -> None:
         if self.world.seed != 0:
@@ -302,10 +304,46 @@ def demo(cfg: DemoConfig, fresh: bool = False) -> dict:
 # command line
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` as distinct integers, in the order given."""
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: each seed once (another seed is another world)")
+    return seeds
+
+
+def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False) -> Path:
+    """Run (or reuse) the demo once per seed into ``<output_dir>/seed-<k>``, then write
+    ``<output_dir>/study.md``: per-seed rows, CIs and verdicts, reward models then generator
+    (synthetic/study_report.py)."""
+    from zr_diffusion.io import atomic_write_text
+    from zr_diffusion.synthetic.demo_reward import RUNS
+    from zr_diffusion.synthetic.study_report import generator_study_markdown, reward_study_markdown
+
+    root = Path(cfg.output_dir)
+    dirs = {s: root / f"seed-{s}" for s in seeds}
+    for s in seeds:
+        demo(dataclasses.replace(cfg, seed=s, output_dir=str(dirs[s])), fresh=fresh)
+    labels = {r.name: r.label for r in RUNS}
+    head = f"# zr demo study: preset {cfg.preset}, seeds {', '.join(map(str, seeds))}\n\n"
+    body = "".join(f"- seed {s}: {dirs[s] / 'report.md'}\n" for s in seeds)
+    tables = reward_study_markdown(dirs, labels, cfg.study) + "\n" + generator_study_markdown(dirs, cfg.study)
+    atomic_write_text(root / "study.md", head + body + "\n" + tables)
+    print(f"zr demo: study of {len(seeds)} seed(s); report {root / 'study.md'}")
+    return root / "study.md"
+
+
 def cli_run(args: argparse.Namespace) -> int:
-    """``zr demo [--preset P] [--config FILE] [--fresh] [key=value ...]`` (arguments: cli.COMMANDS)."""
+    """``zr demo [--preset P] [--config FILE] [--fresh] [--seeds 0,1,2] [key=value ...]`` (arguments:
+    cli.COMMANDS)."""
     cfg = load_demo_config(args.preset, args.config, args.overrides)
-    demo(cfg, fresh=args.fresh)
+    if args.seeds is None:
+        demo(cfg, fresh=args.fresh)
+    else:
+        study(cfg, parse_seeds(args.seeds), fresh=args.fresh)
     return 0
 
 
@@ -319,4 +357,6 @@ __all__ = [
     "cli_run",
     "demo",
     "load_demo_config",
+    "parse_seeds",
+    "study",
 ]
