@@ -107,6 +107,22 @@ def test_seed_interval_is_the_t_interval_of_the_differences():
         seed_interval([0.1], S)
 
 
+def test_seed_interval_is_floored_by_the_seeds_own_cis():
+    """Three seeds with the same difference 0.1 (sd = 0): the t-interval alone has zero width. With
+    each seed's CI 0.1 ± 0.196 (se = 0.1 at z = 1.959964), the floor is z · √(3 · 0.1²) / 3 =
+    1.959964 · 0.057735 = 0.113159, so the claim "> 0" is not shown."""
+    within = [Interval(0.1, 0.1 - 0.1959964, 0.1 + 0.1959964)] * 3
+    bare = seed_interval([0.1] * 3, S)
+    assert bare.high - bare.low < 1e-12  # zero width: what the floor guards against
+    got = seed_interval([0.1] * 3, S, within)
+    assert (got.low, got.high) == pytest.approx((0.1 - 0.113159, 0.1 + 0.113159), abs=1e-6)
+    assert verdict(got, "greater", S) == NOT_SHOWN
+    wide = seed_interval([0.1, 0.2, 0.3], S, [Interval(0.2, 0.19, 0.21)] * 3)  # spread dominates
+    assert wide == seed_interval([0.1, 0.2, 0.3], S)
+    with pytest.raises(ValueError, match="one each"):
+        seed_interval([0.1, 0.2], S, within)
+
+
 @pytest.mark.parametrize(
     "interval, claim, expected",
     [
@@ -211,9 +227,10 @@ def test_reward_study_rows_cis_and_verdicts(tmp_path):
         "RISD > student SFT": CONFIRMED,
         "RISD close to its GDSO teacher": CONFIRMED,  # d = 0 on every resample
     }
-    # per seed, the paired difference GDSO − GRPO: pairs (1, 0) -> 0.5 [0, 1]
+    # per seed, the paired difference GDSO − GRPO: pairs (1, 0) -> 0.5 [0, 1]; across the two seeds
+    # sd = 0, so the floor sets the CI: se = 1 / 2z per seed, half = z · √2 · se / 2 = 0.353553
     gdso_grpo = next(r for r in md.splitlines() if "GDSO > GRPO" in r)
-    assert gdso_grpo.count("0.500 [0.000, 1.000]") == 2 and "0.500 [0.500, 0.500]" in gdso_grpo
+    assert gdso_grpo.count("0.500 [0.000, 1.000]") == 2 and "0.500 [0.146, 0.854]" in gdso_grpo
 
 
 def test_reward_study_one_seed_uses_the_bootstrap_ci(tmp_path):

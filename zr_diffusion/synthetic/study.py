@@ -4,7 +4,8 @@ Pure functions, no I/O. Within one seed, a metric's CI is a **prompt-cluster boo
 prompts are resampled with replacement (all pairs of a drawn prompt come along), ``B`` times, with a
 fixed RNG seed, and the percentile interval is reported. A difference between two models is
 bootstrapped on the *same* resampled prompts (paired). Across seeds, the CI of a difference is a
-**Student-t interval over the per-seed differences** (paired by seed: both models saw the same world).
+**Student-t interval over the per-seed differences** (paired by seed: both models saw the same world),
+floored by the sampling error the seeds' own CIs imply (:func:`seed_interval`).
 
 Dimension names: P pairs, C prompt clusters, B bootstrap resamples, K seeds.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -174,9 +176,17 @@ def student_t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def seed_interval(per_seed: Sequence[float], settings: StudySettings) -> Interval:
+def seed_interval(
+    per_seed: Sequence[float], settings: StudySettings, within: Sequence[Interval] | None = None
+) -> Interval:
     """Mean over K seeds of a per-seed value (e.g. HPA(A) − HPA(B) in each world) with the t-interval
-    ``mean ± t_{1−α/2, K−1} · sd / √K`` (sd with K − 1 in the denominator). Needs K ≥ 2."""
+    ``mean ± t_{1−α/2, K−1} · sd / √K`` (sd with K − 1 in the denominator). Needs K ≥ 2.
+
+    ``within`` (each seed's own CI of that value) sets a floor: the half-width is never below
+    ``z_{1−α/2} · √(Σ_k se_k²) / K``, the sampling error of the seed mean that the per-seed CIs
+    alone imply (``se_k`` = CI width / 2z). With a few seeds and a discrete statistic the per-seed
+    values can coincide (sd = 0), and the t-interval alone would then claim certainty it does not have.
+    """
     d = np.asarray(per_seed, dtype=np.float64)  # [K]
     if d.ndim != 1 or len(d) < 2:
         raise ValueError(f"seed_interval: needs at least 2 seeds for an across-seed CI, got {d.size}")
@@ -186,6 +196,12 @@ def seed_interval(per_seed: Sequence[float], settings: StudySettings) -> Interva
         * float(d.std(ddof=1))
         / math.sqrt(len(d))
     )
+    if within is not None:
+        if len(within) != len(d):
+            raise ValueError(f"seed_interval: {len(within)} per-seed CIs for {len(d)} seeds; give one each")
+        z = NormalDist().inv_cdf(1 - (1 - settings.level) / 2)
+        se = np.array([(ci.high - ci.low) / (2 * z) for ci in within])  # [K]
+        half = max(half, z * math.sqrt(float((se**2).sum())) / len(d))
     return Interval(mean, mean - half, mean + half)
 
 

@@ -135,26 +135,34 @@ def reward_study_markdown(
         f"## Reward models: HPA (Eq. 17) on the test pairs, {pct} CIs",
         "",
         f"Within a seed: prompt-cluster percentile bootstrap ({settings.bootstrap_resamples} resamples, "
-        f"seed {settings.bootstrap_seed}). Across seeds: Student-t interval over the per-seed values. "
+        f"seed {settings.bootstrap_seed}). Across seeds: Student-t interval over the per-seed values, never narrower than "
+        "the seeds' own CIs imply. "
         "A model tie (μ_w = μ_l) counts as wrong; the last HPA column counts it as half.",
         "",
         f"| seed | model | HPA [{pct} CI] | tie rate | HPA, ties as half | pairs |",
         "|---:|---|---|---:|---:|---:|",
     ]
-    per_seed_hpa: dict[str, list[float]] = {r: [] for r in runs}
+    per_seed_hpa: dict[str, list[Interval]] = {r: [] for r in runs}
     for s in seeds:
         pairs, mus = data[s]
         for r in runs:
             hits, ties = pair_outcomes(*mus[r])
             ci = hpa_interval(*mus[r], pairs.prompts, settings)
-            per_seed_hpa[r].append(ci.estimate)
+            per_seed_hpa[r].append(ci)
             half = float((hits + ties / 2).mean())
             lines.append(
                 f"| {s} | {labels[r]} | {ci.cell()} | {ties.mean():.3f} | {half:.3f} | {len(hits)} |"
             )
     if len(seeds) >= 2:
-        lines += ["", f"| model | mean HPA over {len(seeds)} seeds [{pct} t CI] |", "|---|---|"]
-        lines += [f"| {labels[r]} | {seed_interval(per_seed_hpa[r], settings).cell()} |" for r in runs]
+        lines += [
+            "",
+            f"| model | mean HPA over {len(seeds)} seeds [{pct} CI: t over seeds, floored by the seeds' own CIs] |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {labels[r]} | {seed_interval([c.estimate for c in per_seed_hpa[r]], settings, per_seed_hpa[r]).cell()} |"
+            for r in runs
+        ]
     lines += ["", "## Verdicts (the rule: the `study` section of the demo config)", ""]
     head = ["group", "claim", *(f"seed {s}: A − B [{pct} CI]" for s in seeds), "across seeds", "verdict"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -166,7 +174,7 @@ def reward_study_markdown(
             for s in seeds
         ]
         across: Interval = (
-            seed_interval([d.estimate for d in diffs], settings) if len(seeds) >= 2 else diffs[0]
+            seed_interval([d.estimate for d in diffs], settings, diffs) if len(seeds) >= 2 else diffs[0]
         )
         across_cell = across.cell() if len(seeds) >= 2 else "(one seed)"
         cells = [
@@ -219,7 +227,11 @@ def load_generator_items(folder: Path) -> GeneratorItems:
 
 
 def _claim_cells(per_seed: Sequence[Interval], settings: StudySettings) -> tuple[list[str], Interval]:
-    across = seed_interval([d.estimate for d in per_seed], settings) if len(per_seed) >= 2 else per_seed[0]
+    across = (
+        seed_interval([d.estimate for d in per_seed], settings, per_seed)
+        if len(per_seed) >= 2
+        else per_seed[0]
+    )
     cells = [d.cell() for d in per_seed] + [across.cell() if len(per_seed) >= 2 else "(one seed)"]
     return cells, across
 
