@@ -338,3 +338,37 @@ def test_trained_generator_is_a_diffusers_pipeline_with_the_world_tokenizer(tmp_
     assert len(pipe.tokenizer.tokenize(SCENE.prompt)) == 6
     assert pipe.vae.config.scaling_factor == pytest.approx(metrics["latent_scaling_factor"])
     assert len(metrics["train"]) == 2 and metrics["cpu_seconds"] > 0
+
+
+def test_grammar_corpus_is_every_prompt_but_the_held_out_ones(world):
+    from zr_diffusion.synthetic.pretrain import PretrainConfig, corpus_scenes, split_scenes
+    from zr_diffusion.synthetic.world import COLORS, COUNTS, POSITIONS, SHAPES
+
+    _, ds = world
+    splits = split_scenes(ds.images)
+    held_out = {s.prompt for split in ("val", "test") for s in splits[split]}
+    grammar = [s.prompt for s in corpus_scenes(ds.images, "grammar")]
+    assert (
+        len(grammar)
+        == len(set(grammar))
+        == len(SHAPES) * len(COLORS) * len(POSITIONS) * len(COUNTS) - len(held_out)
+    )
+    assert not held_out & set(grammar) and {s.prompt for s in splits["train"]} <= set(grammar)
+    assert corpus_scenes(ds.images, "train") == splits["train"]
+    with pytest.raises(ValueError, match="corpus='all'"):
+        PretrainConfig(corpus="all")
+
+
+def test_generator_with_text_time_embedding_pools_the_prompt_into_every_block():
+    from zr_diffusion.synthetic.generator import GeneratorConfig, build_text_encoder, build_unet
+
+    cfg = GeneratorConfig(channels=8, text_width=16, text_time_embedding=True)
+    unet = build_unet(cfg, 32, build_text_encoder(cfg, 300))
+    assert unet.config.addition_embed_type == "text"
+    x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 16)
+    unet(x, t, text).sample.square().sum().backward()
+    assert unet.add_embedding.proj.weight.grad.abs().sum() > 0  # the pooled prompt reaches the output
+    plain = build_unet(GeneratorConfig(channels=8, text_width=16), 32, build_text_encoder(cfg, 300))
+    assert plain.config.addition_embed_type is None and not hasattr(plain, "add_embedding")
+    with pytest.raises(ValueError, match="generator.corpus='all'"):
+        GeneratorConfig(corpus="all")
