@@ -50,7 +50,13 @@ PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 def _pretrain(steps: int) -> PretrainConfig:
     return PretrainConfig(
-        steps=steps, lr=3e-3, num_images=2048, eval_every=300, short_prompt_fraction=0.75, vision_lr_scale=3.0
+        steps=steps,
+        lr=3e-3,
+        num_images=2048,
+        corpus="grammar",
+        eval_every=300,
+        short_prompt_fraction=0.75,
+        vision_lr_scale=3.0,
     )
 
 
@@ -60,7 +66,10 @@ class VLMSettings:
 
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_vl"  # see the report
     teacher_size: Literal["tiny", "small"] = "small"
-    student_size: Literal["tiny", "small"] = "tiny"
+    # the tiny size's 16-wide, 1-layer vision tower named colours right in 11% of held-out renders
+    # (world seed 0, 2026-12-03), the small one in 92%: the student is small too, and stays the compact
+    # one by answering in one step, without reasoning
+    student_size: Literal["tiny", "small"] = "small"
     # The processor's pixel budget: images are resized to at least this side (a 48 px world image is
     # upsampled to 112 px: 8 x 8 patches of 14 px, 16 vision tokens; the family's default gives 4).
     min_image_side: int = 112

@@ -68,9 +68,6 @@ class GeneratorConfig:
     train_text_encoder: bool = True  # the tiny CLIP text encoder is random too: train it with the denoiser
     snr_gamma: float = 5.0  # Min-SNR-γ loss weight min(SNR, γ) / SNR (Hang et al. 2023); 0: plain MSE
     ema_decay: float = 0.999  # the saved denoiser and text encoder are EMA weights (0: the last weights)
-    # the prompt also enters every ResNet block through the time embedding (diffusers'
-    # addition_embed_type="text": attention-pooled text states added to it), not only cross-attention
-    text_time_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.family != "sd":
@@ -226,8 +223,6 @@ def build_unet(cfg: GeneratorConfig, size: int, text_encoder):
         cross_attention_dim=text_encoder.config.hidden_size,
         attention_head_dim=8,
         norm_num_groups=8,
-        addition_embed_type="text" if cfg.text_time_embedding else None,
-        addition_embed_type_num_heads=4,
     )
 
 
