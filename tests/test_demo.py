@@ -63,6 +63,8 @@ def test_cli_parses_study_seeds_and_rejects_bad_ones():
         with pytest.raises(ValueError, match=why):
             parse_seeds(bad)
     assert main(["demo", "--preset", "smoke", "--seeds", "0,0"]) != 0  # a clear error, no run
+    assert main(["demo", "--preset", "smoke", "--jobs", "2"]) != 0  # --jobs needs --seeds
+    assert main(["demo", "--preset", "smoke", "--seeds", "0,1", "--jobs", "0"]) != 0
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -196,13 +198,17 @@ def test_smoke_changed_setting_rebuilds_only_what_depends_on_it(smoke_run, capsy
 
 def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     """A 2-seed study in the smoke run's parent folder (seed 0 reused from the cache, seed 1 a new
-    world): structure of study.md only, never particular values."""
+    world), both seeds at once in their own processes (``--jobs 2``): structure of study.md only,
+    never particular values."""
     from zr_diffusion.synthetic.study import CONFIRMED, CONTRADICTED, NOT_SHOWN
     from zr_diffusion.synthetic.study_report import REWARD_CLAIMS
 
     cfg, out, _ = smoke_run
-    path = study(dataclasses.replace(cfg, output_dir=str(out.parent)), (0, 1))
+    path = study(dataclasses.replace(cfg, output_dir=str(out.parent)), (0, 1), jobs=2)
     assert path == out.parent / "study.md" and (out.parent / "seed-1" / "report.md").is_file()
+    # the seed's config went through YAML to its process unchanged: seed 0 reran no stage
+    assert "stage " not in (out / "demo.log").read_text()
+    assert "stage world:" in (out.parent / "seed-1" / "demo.log").read_text()
     lines = path.read_text().splitlines()
     for seed in (0, 1):
         for run in RUNS:

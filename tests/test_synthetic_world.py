@@ -338,3 +338,29 @@ def test_trained_generator_is_a_diffusers_pipeline_with_the_world_tokenizer(tmp_
     assert len(pipe.tokenizer.tokenize(SCENE.prompt)) == 6
     assert pipe.vae.config.scaling_factor == pytest.approx(metrics["latent_scaling_factor"])
     assert len(metrics["train"]) == 2 and metrics["cpu_seconds"] > 0
+
+
+def test_grammar_corpus_is_every_prompt_but_the_held_out_ones(world):
+    from zr_diffusion.synthetic.pretrain import PretrainConfig, corpus_scenes, split_scenes
+    from zr_diffusion.synthetic.world import COLORS, COUNTS, POSITIONS, SHAPES
+
+    _, ds = world
+    splits = split_scenes(ds.images)
+    held_out = {s.prompt for split in ("val", "test") for s in splits[split]}
+    grammar = [s.prompt for s in corpus_scenes(ds.images, "grammar")]
+    assert (
+        len(grammar)
+        == len(set(grammar))
+        == len(SHAPES) * len(COLORS) * len(POSITIONS) * len(COUNTS) - len(held_out)
+    )
+    assert not held_out & set(grammar) and {s.prompt for s in splits["train"]} <= set(grammar)
+    assert corpus_scenes(ds.images, "train") == splits["train"]
+    with pytest.raises(ValueError, match="corpus='all'"):
+        PretrainConfig(corpus="all")
+
+
+def test_generator_corpus_is_checked():
+    from zr_diffusion.synthetic.generator import GeneratorConfig
+
+    with pytest.raises(ValueError, match="generator.corpus='all'"):
+        GeneratorConfig(corpus="all")

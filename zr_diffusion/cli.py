@@ -340,6 +340,13 @@ COMMANDS: dict[str, Command] = {
                 help="a study: comma-separated seeds (e.g. 0,1,2), one world each in <output_dir>/seed-<k>, "
                 "then <output_dir>/study.md",
             ),
+            p.add_argument(
+                "--jobs",
+                type=int,
+                default=1,
+                help="with --seeds: run this many seeds at once, each in its own process with "
+                "threads // jobs torch threads (default 1: one after another)",
+            ),
             p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. seed=1"),
         ],
         lazy("zr_diffusion.synthetic.demo:cli_run"),

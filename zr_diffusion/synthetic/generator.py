@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from zr_diffusion.io import atomic_write_json, write_dir_atomically
-from zr_diffusion.synthetic.pretrain import render_items, split_scenes
+from zr_diffusion.synthetic.pretrain import corpus_scenes, render_items
 from zr_diffusion.synthetic.world import WorldConfig
 
 
@@ -52,7 +52,10 @@ class GeneratorConfig:
     latent_channels: int = 4
     max_text_len: int = 16  # tokenizer length: a world prompt is at most 8 word tokens with BOS/EOS
     text_width: int = 64  # CLIP text encoder hidden size (2 layers)
-    num_images: int = 2048  # world renders of the training prompts
+    num_images: int = 2048  # world renders of the corpus prompts
+    corpus: str = (
+        "train"  # "train": the training prompts; "grammar": all but the held-out (pretrain.corpus_scenes)
+    )
     defect_prob: float = 0.3  # per dimension, chance that a training render has a defect (world's: 0.6)
     batch_size: int = 16
     vae_steps: int = 300
@@ -87,6 +90,8 @@ class GeneratorConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"generator.{name} must be >= 1, got {getattr(self, name)}")
+        if self.corpus not in ("train", "grammar"):
+            raise ValueError(f"generator.corpus={self.corpus!r}: choose one of ['train', 'grammar']")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"generator.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if not 0 <= self.defect_prob <= 1:
@@ -284,8 +289,8 @@ def _token_ids(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 def _training_renders(world: WorldConfig, images_jsonl: str | Path, cfg: GeneratorConfig):
-    """``num_images`` renders of the training prompts with the generator's own defect rate."""
-    scenes = split_scenes(images_jsonl)["train"]
+    """``num_images`` renders of the corpus prompts with the generator's own defect rate."""
+    scenes = corpus_scenes(images_jsonl, cfg.corpus)
     items = render_items(scenes, replace(world, defect_prob=cfg.defect_prob), cfg.num_images, stream=2)
     images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [N, 3, H, W]
     return images, [it.prompt for it in items], len(scenes)

@@ -20,6 +20,7 @@ Dimension names: B images in a batch, T suffix tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -33,7 +34,17 @@ import torch
 from zr_diffusion.io import atomic_write_json, write_dir_atomically
 from zr_diffusion.rubric import DIMENSIONS, SCORE_MARKER
 from zr_diffusion.synthetic.text import contents, describe
-from zr_diffusion.synthetic.world import BACKGROUNDS, Scene, WorldConfig, render_np, sample_defects
+from zr_diffusion.synthetic.world import (
+    BACKGROUNDS,
+    COLORS,
+    COUNTS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    WorldConfig,
+    render_np,
+    sample_defects,
+)
 
 _PRETRAIN_STREAM = 91_001  # random stream id of the pretraining renders (the world uses 0..4)
 SHORT_INSTRUCTION = "Describe the image and every defect in it."
@@ -48,7 +59,8 @@ class PretrainConfig:
     lr: float = 2e-3  # AdamW, cosine decay after warmup, full fine-tuning
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    num_images: int = 1024  # rendered training images (training prompts, fresh defects)
+    num_images: int = 1024  # rendered training images (corpus prompts, fresh defects)
+    corpus: str = "train"  # "train": the training prompts; "grammar": all but the held-out (corpus_scenes)
     val_images: int = 64  # rendered images of the validation prompts, for the held-out loss
     eval_every: int = 50  # held-out loss every this many steps (and at the start and the end)
     short_prompt_fraction: float = 0.0  # share of steps that use the short prompt instead of the teacher's
@@ -62,6 +74,8 @@ class PretrainConfig:
             raise ValueError(
                 f"pretrain.lr and vision_lr_scale must be > 0, got {self.lr}, {self.vision_lr_scale}"
             )
+        if self.corpus not in CORPORA:
+            raise ValueError(f"pretrain.corpus={self.corpus!r}: choose one of {list(CORPORA)}")
         if not 0 <= self.short_prompt_fraction <= 1:
             raise ValueError(
                 f"pretrain.short_prompt_fraction must be in [0, 1], got {self.short_prompt_fraction}"
@@ -97,6 +111,25 @@ def split_scenes(images_jsonl: str | Path) -> dict[str, list[Scene]]:
         row = json.loads(line)
         out.setdefault(row["split"], {}).setdefault(row["prompt"], Scene(**row["scene"]))
     return {split: list(scenes.values()) for split, scenes in out.items()}
+
+
+CORPORA = ("train", "grammar")
+
+
+def corpus_scenes(images_jsonl: str | Path, corpus: str) -> list[Scene]:
+    """The prompt scenes a base model is pretrained on: ``"train"``, the dataset's training prompts; or
+    ``"grammar"``, every prompt the world's grammar can write (shape x colour x position x count) except
+    the dataset's held-out (val and test) prompts, which stay unseen. A base model pretrained on a broad
+    corpus generalises to new combinations; one pretrained on 90 prompts memorises them."""
+    scenes = split_scenes(images_jsonl)
+    if corpus == "train":
+        return scenes["train"]
+    if corpus != "grammar":
+        raise ValueError(f"corpus={corpus!r}: choose one of {list(CORPORA)}")
+    held_out = {s.prompt for split in ("val", "test") for s in scenes.get(split, [])}
+    grid = itertools.product(SHAPES, COLORS, POSITIONS, COUNTS)
+    found = [Scene(shape=a, color=c, position=p, count=n) for a, c, p, n in grid]
+    return [s for s in found if s.prompt not in held_out]
 
 
 def suffix_ids(tokenizer, description: str) -> list[int]:
@@ -184,7 +217,7 @@ def pretrain_perception(
 
     out = Path(out_dir)
     scenes = split_scenes(images_jsonl)
-    train_items = render_items(scenes["train"], world, cfg.num_images, stream=0)
+    train_items = render_items(corpus_scenes(images_jsonl, cfg.corpus), world, cfg.num_images, stream=0)
     val_items = render_items(scenes["val"], world, cfg.val_images, stream=1)
     model, processor = load_vlm(model_dir)
     model.requires_grad_(True)
