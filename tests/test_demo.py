@@ -167,7 +167,7 @@ def test_smoke_report_gives_the_generator_gate_rows_and_states_a_failure_first(s
         for a in attrs:
             row = next(r for r in rows if r["gate"] == f"VLM {role}: {a} named right")
             value = perception[f"{a}_accuracy"]
-            assert row["value"] == f"{value:.2f}" and row["threshold"] == f">= {threshold:.2f}"
+            assert row["value"] == f"{value:.3f}" and row["threshold"] == f">= {threshold:.2f}"
             assert row["passed"] == (value >= threshold)
             result = "pass" if row["passed"] else "**FAIL**"
             assert (

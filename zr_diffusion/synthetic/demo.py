@@ -11,8 +11,9 @@ Stages (each writes under ``<output_dir>/<stage>/`` and, last and atomically, ``
                   the student (distilled from the GDSO teacher); every model evaluated on the
                   multi-annotator test split (PLCC, SRCC, HPA, margin HPA, tokens/call, images/s) and
                   on the annotated generator samples; trained on world + generator training records
-5. ``generator``  on the base generator of ``indomain``: the SFT baseline LoRA; the Z-Reward LoRA (reward gradients from the frozen RISD student);
-                  GSB and per-dimension means judged by the oracle, never by a learned model
+5. ``generator``  on the base generator of ``indomain``: the SFT baseline LoRA; the Z-Reward LoRA
+                  (reward gradients from the frozen RISD student); GSB and per-dimension means judged
+                  by the oracle, never by a learned model
 6. ``report``     ``report.md``, PNG figures and ``metrics.json``
 
 A rerun skips every finished stage (and every finished run inside a stage) whose configuration hash

@@ -47,7 +47,7 @@ DISTILLED = ("opd", "risd")  # distil from the GDSO teacher
 TEST_SETS = {"renders": "eval", "generated": "eval_generated"}
 
 
-def test_records(ctx: Context, test: str) -> str:
+def records_of(ctx: Context, test: str) -> str:
     """The test records of ``test``: the world's renders or the annotated base-generator samples."""
     if test == "renders":
         return str(Path(ctx.results["world"]["data"]) / "test.jsonl")
@@ -87,7 +87,7 @@ def eval_config(ctx: Context, run: Run, model: str, folder: Path, test: str = "r
     base = {k: v for k, v in cfg.reward.common.items() if k in ("dtype", "grid", "rollout")}
     filled = {
         "model": model,
-        "data": test_records(ctx, test),
+        "data": records_of(ctx, test),
         "mode": run.eval_mode,
         "output_dir": str(folder / TEST_SETS[test]),
         "seed": cfg.seed,

@@ -276,7 +276,7 @@ def vlm_gate_rows(ctx: Context) -> list[dict]:
             {
                 "gate": f"VLM {role}: {attr} named right",
                 "on": f"{p['images']} val renders, greedy",
-                "value": f"{c['value']:.2f}",
+                "value": f"{c['value']:.3f}",  # 3 digits: 0.898 must not read as 0.90 and fail
                 "threshold": f">= {c['threshold']:.2f}",
                 "passed": c["passed"],
             }
