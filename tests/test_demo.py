@@ -156,17 +156,69 @@ def test_smoke_report_gives_the_generator_gate_rows_and_states_a_failure_first(s
     assert gate["passed"] == all(c["passed"] for c in gate["checks"].values())
     report = (out / "report.md").read_text()
     rows = json.loads((out / "metrics.json").read_text())["gates"]
+    attrs = ("count", "colour", "shape", "position", "background")
     assert [r["gate"] for r in rows] == [
+        *(f"VLM {role}: {a} named right" for role in ("teacher", "student") for a in attrs),
         "generator: oracle alignment mean",
         "generator: oracle aggregate / renders' aggregate",
     ]
     for r in rows:
         assert f"| {r['gate']} |" in report and isinstance(r["passed"], bool)
+    for role, threshold in (("teacher", cfg.vlm.gate.teacher_min), ("student", cfg.vlm.gate.student_min)):
+        perception = results["vlm"][role]["perception"]
+        for a in attrs:
+            row = next(r for r in rows if r["gate"] == f"VLM {role}: {a} named right")
+            value = perception[f"{a}_accuracy"]
+            assert row["value"] == f"{value:.3f}" and row["threshold"] == f">= {threshold:.2f}"
+            assert row["passed"] == (value >= threshold)
+            result = "pass" if row["passed"] else "**FAIL**"
+            assert (
+                f"| {row['gate']} | {row['on']} | {row['value']} | {row['threshold']} | {result} |" in report
+            )
     failed = [r["gate"] for r in rows if not r["passed"]]
     assert ("gate(s) FAILED" in report) == bool(failed)
     if failed:  # stated before any result section
         assert report.index("gate(s) FAILED") < report.index("## 1.")
         assert all(name in report.split("## 1.")[0] for name in failed)
+
+
+def test_smoke_indomain_records_validate_and_every_reward_model_is_scored_on_them(smoke_run):
+    from zr_diffusion.data import load_records
+    from zr_diffusion.reward.config import TrainRewardConfig
+    from zr_diffusion.synthetic.demo_reward import TEST_SETS
+
+    cfg, out, results = smoke_run
+    samples = results["indomain"]["samples"]
+    world = Path(results["world"]["data"])
+    n_prompts = results["world"]["prompts"]
+    k_test = cfg.world.annotators_per_test_item
+    dims = len(cfg.world.dimensions)
+    for split, per_prompt, k in (
+        ("train", cfg.indomain.train_per_prompt, 1),
+        ("test", cfg.indomain.test_per_prompt, k_test),
+    ):
+        records = load_records(samples[split], require_rationale=True)  # images exist, scores on the grid
+        assert len(records) == n_prompts[split] * per_prompt * dims == samples[f"{split}_records"]
+        assert {len(r.scores) for r in records} == {k}
+        assert all(r.image.suffix == ".png" and r.id.startswith(f"gen-{split}-") for r in records)
+    world_train = load_records(world / "train.jsonl")
+    merged = load_records(samples["train_merged"])
+    assert [r.id for r in merged] == [r.id for r in world_train] + [
+        r.id for r in load_records(samples["train"])
+    ]
+    from zr_diffusion.config import load_config
+
+    gdso = load_config(TrainRewardConfig, out / "reward" / "gdso" / "config.yaml")
+    assert gdso.data.train == samples["train_merged"]
+    report = (out / "report.md").read_text()
+    assert "| gen. HPA | gen. ties |" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    for run in RUNS:
+        summary = metrics["stages"]["reward"]["runs"][run.name]
+        for sub in TEST_SETS.values():
+            assert (out / "reward" / run.name / sub / "predictions.jsonl").is_file()
+            assert "hpa" in summary[sub]["metrics"]["overall"] and "tie_rate" in summary[sub]
+        assert summary["eval_generated"]["metrics"]["overall"]["records"] == samples["test_records"]
 
 
 def test_smoke_rerun_skips_every_stage_and_says_so(smoke_run, capsys):
@@ -188,11 +240,12 @@ def test_smoke_changed_setting_rebuilds_only_what_depends_on_it(smoke_run, capsy
     changed = load_demo_config("smoke", overrides=[f"output_dir={out}", "generator.gsb.raters_per_item=2"])
     results = demo(changed)
     said = capsys.readouterr().out
-    for stage in ("world", "vlm", "reward"):
+    for stage in ("world", "vlm", "indomain", "reward"):
         assert results[stage]["cached"], stage
     assert not results["generator"]["cached"] and not results["report"]["cached"]
-    for step in ("generator/base", "generator/gate", "generator/sft", "generator/zreward"):
+    for step in ("generator/sft", "generator/zreward"):
         assert f"{step}: cached" in said
+    assert results["generator"]["base"] == results["indomain"]["base"]  # one base generator, reused
     assert results["generator"]["gsb"]["raters_per_item"] == 2
 
 
@@ -207,12 +260,17 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     path = study(dataclasses.replace(cfg, output_dir=str(out.parent)), (0, 1), jobs=2)
     assert path == out.parent / "study.md" and (out.parent / "seed-1" / "report.md").is_file()
     # the seed's config went through YAML to its process unchanged: seed 0 reran no stage
-    assert "stage " not in (out / "demo.log").read_text()
-    assert "stage world:" in (out.parent / "seed-1" / "demo.log").read_text()
+    stages = [line for line in (out / "demo.log").read_text().splitlines() if line.startswith("stage ")]
+    assert stages and all(": cached (" in line for line in stages)
+    assert "stage world: cached" not in (out.parent / "seed-1" / "demo.log").read_text()
     lines = path.read_text().splitlines()
     for seed in (0, 1):
         for run in RUNS:
             assert sum(line.startswith(f"| {seed} | {run.label} | ") for line in lines) == 1, (seed, run)
+    for seed in (0, 1):  # HPA on the held-out generator samples too, one row per seed and model
+        for run in RUNS:
+            row = f"| {seed} | generator samples | {run.label} | "
+            assert sum(line.startswith(row) for line in lines) == 1, (seed, run)
     means = [line for line in lines if line.startswith(tuple(f"| {run.label} | " for run in RUNS))]
     assert len(means) == len(RUNS) and all(line.count("[") == 1 for line in means)
     assert (

@@ -28,7 +28,7 @@ from PIL import Image
 from zr_diffusion.data import ScoredRecord, write_records
 from zr_diffusion.io import atomic_write_json, atomic_write_text, write_dir_atomically
 from zr_diffusion.scores import ScoreGrid
-from zr_diffusion.synthetic.annotators import annotate_scores, make_annotators
+from zr_diffusion.synthetic.annotators import Annotator, annotate_scores, make_annotators
 from zr_diffusion.synthetic.shapes import SHAPES
 from zr_diffusion.synthetic.text import describe, rationale
 from zr_diffusion.synthetic.world import (
@@ -63,6 +63,12 @@ def _rng(cfg: WorldConfig, *key: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, *key])
 
 
+def world_annotators(cfg: WorldConfig) -> list[Annotator]:
+    """The world's annotator pool (the people who annotate its reward data; the GSB raters are
+    another pool, see oracle_gsb)."""
+    return make_annotators(cfg, _rng(cfg, _ANNOTATORS))
+
+
 def sample_prompts(cfg: WorldConfig) -> list[Scene]:
     """``cfg.num_prompts`` scenes with distinct prompts (the background is drawn per image later)."""
     if cfg.num_prompts > NUM_PROMPTS:
@@ -94,7 +100,7 @@ def split_prompts(cfg: WorldConfig) -> list[str]:
     return split
 
 
-def _save_png(img: np.ndarray, path: Path) -> None:
+def save_png(img: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)).save(path, format="PNG")
 
@@ -102,7 +108,7 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 def _write(cfg: WorldConfig, root: Path) -> None:
     root = root.resolve()
     grid = ScoreGrid()
-    annotators = make_annotators(cfg, _rng(cfg, _ANNOTATORS))
+    annotators = world_annotators(cfg)
     records: dict[str, list[ScoredRecord]] = {s: [] for s in SPLITS}
     rows = []
     for p, (prompt_scene, split) in enumerate(zip(sample_prompts(cfg), split_prompts(cfg))):
@@ -111,7 +117,7 @@ def _write(cfg: WorldConfig, root: Path) -> None:
             scene = dataclasses.replace(prompt_scene, background=str(rng.choice(list(BACKGROUNDS))))
             defects = sample_defects(scene, cfg, rng)
             rel = Path("images") / split / f"p{p:04d}_i{i}.png"
-            _save_png(render_np(scene, defects, cfg.image_size, rng), root / rel)
+            save_png(render_np(scene, defects, cfg.image_size, rng), root / rel)
             latent = latent_scores(defects)
             k = 1 if split == "train" else cfg.annotators_per_test_item
             notes = annotate_scores(

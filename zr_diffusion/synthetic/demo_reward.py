@@ -2,8 +2,11 @@
 
 Every run builds its :class:`TrainRewardConfig` from the demo config (``reward.common`` merged with the
 run's own mapping, plus the model, data, teacher, seed and output folder the demo fills in), writes
-it to ``<run>/config.yaml`` and calls :func:`reward.train.train_reward` with it; then every model is
-scored on the multi-annotator test split by :func:`reward.evaluate.evaluate_reward` (``<run>/eval``).
+it to ``<run>/config.yaml`` and calls :func:`reward.train.train_reward` with it. Training records: the
+world's, followed by the annotated base-generator samples of the training prompts (stage ``indomain``).
+Every model is scored by :func:`reward.evaluate.evaluate_reward` on two multi-annotator test sets: the
+world's renders (``<run>/eval``) and the base generator's samples of the test prompts
+(``<run>/eval_generated``).
 
 The evaluation mode follows how each model scores: the score-first models (SFT, RewardDance-style,
 RISD) in student mode (one output token); the models that reason before the score (zero-shot,
@@ -40,16 +43,37 @@ RUNS: tuple[Run, ...] = (
     Run("risd", "Student RISD", "student", "student"),
 )
 DISTILLED = ("opd", "risd")  # distil from the GDSO teacher
+# every model is evaluated on both test sets: {test set: folder under reward/<run>/ and summary key}
+TEST_SETS = {"renders": "eval", "generated": "eval_generated"}
+
+
+def records_of(ctx: Context, test: str) -> str:
+    """The test records of ``test``: the world's renders or the annotated base-generator samples."""
+    if test == "renders":
+        return str(Path(ctx.results["world"]["data"]) / "test.jsonl")
+    return ctx.results["indomain"]["samples"]["test"]
+
+
+def tie_rate(predictions: Path) -> float | None:
+    """Share of the test pairs (same prompt and dimension, ŝ different) a model scores equal (μ_w = μ_l)."""
+    from zr_diffusion.synthetic.study import pair_outcomes
+    from zr_diffusion.synthetic.study_report import load_predictions, seed_pairs
+
+    rows = load_predictions(predictions)
+    pairs = seed_pairs(rows)
+    if not pairs.winners:
+        return None
+    _, ties = pair_outcomes([rows[i]["mu"] for i in pairs.winners], [rows[i]["mu"] for i in pairs.losers])
+    return float(ties.mean())
 
 
 def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
     """The TrainRewardConfig mapping of one run."""
     cfg = ctx.cfg
-    data = ctx.results["world"]["data"]
     settings = deep_merge(cfg.reward.common, getattr(cfg.reward, run.name))
     filled = {
         "model": ctx.results["vlm"][run.base]["model"],
-        "data": {"train": str(Path(data) / "train.jsonl")},
+        "data": {"train": ctx.results["indomain"]["samples"]["train_merged"]},  # world + generator samples
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
     if run.name in DISTILLED:
@@ -57,14 +81,15 @@ def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> d
     return deep_merge(settings, filled)
 
 
-def eval_config(ctx: Context, run: Run, model: str, folder: Path) -> dict[str, Any]:
+def eval_config(ctx: Context, run: Run, model: str, folder: Path, test: str = "renders") -> dict[str, Any]:
+    """The EvalRewardConfig mapping of one run on one test set (``TEST_SETS``)."""
     cfg = ctx.cfg
     base = {k: v for k, v in cfg.reward.common.items() if k in ("dtype", "grid", "rollout")}
     filled = {
         "model": model,
-        "data": str(Path(ctx.results["world"]["data"]) / "test.jsonl"),
+        "data": records_of(ctx, test),
         "mode": run.eval_mode,
-        "output_dir": str(folder / "eval"),
+        "output_dir": str(folder / TEST_SETS[test]),
         "seed": cfg.seed,
         "device": "cpu",
     }
@@ -98,14 +123,16 @@ def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
         summary["train_metrics"] = str(folder / "metrics.json")
         model = str(result.model_dir)
         del result
-    eval_cfg = write_run_config(
-        EvalRewardConfig, eval_config(ctx, run, model, folder), folder / "eval_config.yaml"
-    )
-    tic = time.perf_counter()
-    evaluate_reward(eval_cfg)
-    summary["eval_seconds"] = time.perf_counter() - tic
+    for test, sub in TEST_SETS.items():
+        eval_cfg = write_run_config(
+            EvalRewardConfig, eval_config(ctx, run, model, folder, test), folder / f"{sub}_config.yaml"
+        )
+        tic = time.perf_counter()
+        evaluate_reward(eval_cfg)
+        summary[f"{sub}_seconds"] = time.perf_counter() - tic
+        summary[sub] = json.loads((folder / sub / "metrics.json").read_text())
+        summary[sub]["tie_rate"] = tie_rate(folder / sub / "predictions.jsonl")
     summary["model"] = model
-    summary["eval"] = json.loads((folder / "eval" / "metrics.json").read_text())
     return summary
 
 
@@ -121,6 +148,7 @@ def run_reward(ctx: Context, folder: Path) -> dict:
             else None,
             "eval": cfg.reward.eval,
             "world": ctx.results["world"]["hash"],
+            "indomain": ctx.results["indomain"]["samples"]["hash"],  # training records and 2nd test set
             "base": ctx.results["vlm"][run.base]["hash"],
             "teacher": out["gdso"]["hash"] if run.name in DISTILLED else None,
             "seed": cfg.seed,
@@ -129,8 +157,11 @@ def run_reward(ctx: Context, folder: Path) -> dict:
             f"reward/{run.name}", key, lambda d, run=run, teacher=teacher: _run_one(ctx, run, d, teacher)
         )
         overall = out[run.name]["eval"]["metrics"]["overall"]
-        hpa = overall["hpa"]
-        print(f"  reward/{run.name}: test HPA {hpa if hpa is None else f'{hpa:.3f}'}")
+        hpa, gen = overall["hpa"], out[run.name]["eval_generated"]["metrics"]["overall"]["hpa"]
+        print(
+            f"  reward/{run.name}: test HPA {hpa if hpa is None else f'{hpa:.3f}'} (renders), "
+            f"{gen if gen is None else f'{gen:.3f}'} (generator samples)"
+        )
     hpas = ", ".join(
         f"{r.name} {h:.3f}"
         if (h := out[r.name]["eval"]["metrics"]["overall"]["hpa"]) is not None

@@ -2,10 +2,8 @@
 
 Steps (each cached on its own):
 
-- ``generator/base``     the tiny pipeline trained from scratch on world renders of mixed quality
-                         (:mod:`synthetic.generator`);
-- ``generator/gate``     the base generator's gate on held-out prompts: oracle alignment and
-                         aggregate against the world's renders (:mod:`synthetic.gates`);
+- the base generator and its gate come from the ``indomain`` stage (:mod:`synthetic.indomain`:
+  ``indomain/base``, ``indomain/gate``), trained and measured once;
 - ``generator/sft``      the SFT baseline: :func:`pipelines.sft.train_t2i_sft` (LoRA, denoising loss)
                          on the annotator-preferred training images (``min_score`` on the mean
                          annotated score);
@@ -23,8 +21,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from zr_diffusion.synthetic.stages import deep_merge, write_run_config
 
 if TYPE_CHECKING:
@@ -37,36 +33,6 @@ COMPARISONS = (("zreward", "sft"), ("sft", "base"), ("zreward", "base"))  # (A, 
 def _world_paths(ctx: Context) -> tuple[Path, Path]:
     world_dir = Path(ctx.results["world"]["data"]).parent
     return Path(ctx.results["world"]["data"]), world_dir
-
-
-def _base(ctx: Context, folder: Path) -> dict:
-    from zr_diffusion.synthetic.generator import train_generator
-
-    data, _ = _world_paths(ctx)
-    metrics = train_generator(
-        folder, ctx.cfg.world_config(), data / "images.jsonl", ctx.cfg.generator.generator, seed=ctx.cfg.seed
-    )
-    return {
-        "pipeline": metrics["pipeline"],
-        "vae_recon_mse": metrics["vae_recon_mse"],
-        "final_loss": float(np.mean([r["loss"] for r in metrics["train"][-20:]])),
-        "train_images": metrics["train_images"],
-        "denoiser_params": metrics["denoiser_params"],
-        "train_seconds": metrics["seconds"],
-        "cpu_seconds": metrics["cpu_seconds"],
-        "threads": metrics["threads"],
-        "train_metrics": str(folder / "metrics.json"),
-    }
-
-
-def _gate(ctx: Context, folder: Path, pipeline: str) -> dict:
-    from zr_diffusion.io import atomic_write_json
-    from zr_diffusion.synthetic.gates import generator_gate
-
-    data, _ = _world_paths(ctx)
-    result = generator_gate(pipeline, data / "images.jsonl", ctx.cfg.generator.gate, ctx.cfg.world.image_size)
-    atomic_write_json(folder / "gate.json", result)
-    return result
 
 
 def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
@@ -216,16 +182,7 @@ def run_generator(ctx: Context, folder: Path) -> dict:
     cfg = ctx.cfg
     world_hash = ctx.results["world"]["hash"]
     gen = cfg.generator
-    base = ctx.cache.run(
-        "generator/base",
-        {"generator": gen.generator, "world": world_hash, "seed": cfg.seed},
-        lambda d: _base(ctx, d),
-    )
-    gate = ctx.cache.run(
-        "generator/gate",
-        {"gate": gen.gate, "base": base["hash"], "world": world_hash},
-        lambda d: _gate(ctx, d, base["pipeline"]),
-    )
+    base, gate = ctx.results["indomain"]["base"], ctx.results["indomain"]["gate"]  # one base generator
     sft = ctx.cache.run(
         "generator/sft",
         {"sft": gen.sft, "base": base["hash"], "world": world_hash, "seed": cfg.seed},

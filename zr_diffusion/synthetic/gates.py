@@ -54,6 +54,31 @@ class GeneratorGate:
             )
 
 
+@dataclass
+class VLMGate:
+    """Perception gates of the base VLMs (issue 12 §1: >= 90% teacher, >= 80% student, on each of
+    count, colour, shape, position and background, named right on held-out renders). Fixed, not tuned."""
+
+    teacher_min: float = 0.9
+    student_min: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.teacher_min <= 1 and 0 <= self.student_min <= 1):
+            raise ValueError(
+                f"vlm.gate: teacher_min and student_min are accuracies in [0, 1], got "
+                f"{self.teacher_min} and {self.student_min}"
+            )
+
+    def threshold(self, role: str) -> float:
+        return {"teacher": self.teacher_min, "student": self.student_min}[role]
+
+
+def perception_checks(perception: dict, threshold: float, attributes: tuple[str, ...]) -> dict[str, dict]:
+    """One check per attribute: its accuracy (``<attr>_accuracy`` of ``pretrain.perception_accuracy``)
+    against ``threshold``."""
+    return {a: gate_check(perception[f"{a}_accuracy"], threshold) for a in attributes}
+
+
 def split_rows(images_jsonl: str | Path, split: str) -> list[dict]:
     """The world dataset's image rows of one split (``images.jsonl``), in file order."""
     rows = [json.loads(line) for line in Path(images_jsonl).read_text().splitlines()]
@@ -110,4 +135,13 @@ def generator_gate(pipeline: str | Path, images_jsonl: str | Path, gate: Generat
     }
 
 
-__all__ = ["GATE_SPLITS", "GeneratorGate", "gate_check", "generator_gate", "render_scores", "split_rows"]
+__all__ = [
+    "GATE_SPLITS",
+    "GeneratorGate",
+    "VLMGate",
+    "gate_check",
+    "generator_gate",
+    "perception_checks",
+    "render_scores",
+    "split_rows",
+]

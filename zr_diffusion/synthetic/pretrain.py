@@ -33,7 +33,7 @@ import torch
 
 from zr_diffusion.io import atomic_write_json, write_dir_atomically
 from zr_diffusion.rubric import DIMENSIONS, SCORE_MARKER
-from zr_diffusion.synthetic.text import contents, describe
+from zr_diffusion.synthetic.text import contents, describe, parse_contents
 from zr_diffusion.synthetic.world import (
     BACKGROUNDS,
     COLORS,
@@ -299,6 +299,7 @@ def pretrain_perception(
 
 
 CONTENTS_PREFIX = "The image shows "
+PERCEPTION_ATTRIBUTES = ("count", "colour", "shape", "position", "background")  # text.Contents fields
 
 
 @torch.no_grad()
@@ -306,8 +307,10 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
     """Greedy descriptions of ``items`` (teacher template, alignment prompt), read word by word.
 
     The first sentence "The image shows <count> <colour> <noun> <position> on a <bg> background." is
-    compared with the renderer's truth: exact match of the whole contents, and accuracy of the count,
-    colour and background words. Also the mean number of generated tokens.
+    compared with the renderer's truth: exact match of the whole contents, and the accuracy of each
+    attribute of :data:`PERCEPTION_ATTRIBUTES` as read by :func:`text.parse_contents` (the noun in
+    the singular; a part the sentence does not give counts as wrong). Also the mean number of
+    generated tokens.
     """
     from zr_diffusion.vlm.loading import load_vlm
     from zr_diffusion.vlm.readout import VLMScorer
@@ -315,7 +318,7 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
 
     model, processor = load_vlm(model_dir)
     scorer = VLMScorer(model, processor)
-    hits = {"contents": 0, "count": 0, "colour": 0, "background": 0}
+    hits = dict.fromkeys(("contents", *PERCEPTION_ATTRIBUTES), 0)
     tokens = 0
     examples = []
     for start in range(0, len(items), batch_size):
@@ -326,12 +329,11 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
         )
         for it, (sample,) in zip(chunk, samples):
             text = sample.text.strip()
-            said = text.split(".")[0].removeprefix(CONTENTS_PREFIX).split()
-            truth = it.contents.split()
-            hits["contents"] += said == truth
-            hits["count"] += bool(said) and said[0] == truth[0]
-            hits["colour"] += len(said) > 1 and said[1] == truth[1]
-            hits["background"] += len(said) > 2 and said[-2] == truth[-2]
+            first = text.split(".")[0].removeprefix(CONTENTS_PREFIX)
+            hits["contents"] += first.split() == it.contents.split()
+            said, truth = parse_contents(first), parse_contents(it.contents)
+            for attr in PERCEPTION_ATTRIBUTES:
+                hits[attr] += getattr(said, attr) is not None and getattr(said, attr) == getattr(truth, attr)
             tokens += sample.num_generated_tokens
             if len(examples) < 3:
                 examples.append({"prompt": it.prompt, "truth": it.description, "generated": text})
@@ -344,6 +346,7 @@ def perception_accuracy(model_dir: str | Path, items: Sequence[PerceptionItem], 
 
 
 __all__ = [
+    "PERCEPTION_ATTRIBUTES",
     "PerceptionItem",
     "PretrainConfig",
     "perception_accuracy",

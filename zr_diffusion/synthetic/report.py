@@ -245,7 +245,7 @@ def gate_rows(ctx: Context) -> list[dict]:
     gate = ctx.results["generator"]["gate"]
     where = f"{gate['prompts']} {gate['split']} prompts x {len(gate['seeds'])} seeds"
     c = gate["checks"]
-    return [
+    return vlm_gate_rows(ctx) + [
         {
             "gate": "generator: oracle alignment mean",
             "on": where,
@@ -261,6 +261,28 @@ def gate_rows(ctx: Context) -> list[dict]:
             "passed": c["aggregate_ratio"]["passed"],
         },
     ]
+
+
+def vlm_gate_rows(ctx: Context) -> list[dict]:
+    """One row per (base VLM, perception attribute): accuracy on held-out renders vs the fixed threshold."""
+    from zr_diffusion.synthetic.gates import perception_checks
+    from zr_diffusion.synthetic.pretrain import PERCEPTION_ATTRIBUTES
+
+    rows = []
+    for role in ("teacher", "student"):
+        p = ctx.results["vlm"][role]["perception"]
+        checks = perception_checks(p, ctx.cfg.vlm.gate.threshold(role), PERCEPTION_ATTRIBUTES)
+        rows += [
+            {
+                "gate": f"VLM {role}: {attr} named right",
+                "on": f"{p['images']} val renders, greedy",
+                "value": f"{c['value']:.3f}",  # 3 digits: 0.898 must not read as 0.90 and fail
+                "threshold": f">= {c['threshold']:.2f}",
+                "passed": c["passed"],
+            }
+            for attr, c in checks.items()
+        ]
+    return rows
 
 
 def _gates_section(ctx: Context) -> list[str]:
@@ -319,18 +341,19 @@ def _vlm_section(ctx: Context) -> list[str]:
         "renderer's ground-truth description, in the teacher template, ending with the score marker; the "
         "score token itself is never trained here). Perception accuracy: greedy descriptions of "
         f"{v['teacher']['perception']['images']} held-out renders, first sentence compared word by word "
-        "(chance: count 1/5, colour 1/8, background 1/3).",
+        "(chance: count 1/5, colour 1/8, shape 1/7, position 1/8, background 1/3).",
         "",
-        "| model | params | held-out CE start → end | count | colour | background | whole contents | "
-        "tokens/description |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| model | params | held-out CE start → end | count | colour | shape | position | background | "
+        "whole contents | tokens/description |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for role in ("teacher", "student"):
         r = v[role]
         p = r["perception"]
         lines.append(
             f"| {role} ({r['size']}) | {r['parameters']:,} | {r['val_loss_start']:.3f} → {r['val_loss_end']:.3f} | "
-            f"{p['count_accuracy']:.0%} | {p['colour_accuracy']:.0%} | {p['background_accuracy']:.0%} | "
+            f"{p['count_accuracy']:.0%} | {p['colour_accuracy']:.0%} | {p['shape_accuracy']:.0%} | "
+            f"{p['position_accuracy']:.0%} | {p['background_accuracy']:.0%} | "
             f"{p['contents_accuracy']:.0%} | {p['tokens_per_description']:.0f} |"
         )
     ex = v["teacher"]["perception"]["examples"]
@@ -349,6 +372,7 @@ def _reward_section(ctx: Context) -> list[str]:
     runs = ctx.results["reward"]["runs"]
     order = ctx.results["reward"]["order"]
     ref = ctx.results["world"]["reference"]
+    gs = ctx.results["indomain"]["samples"]
     test = runs[order[0]]["eval"]["metrics"]["overall"]
     lines = [
         "## 3. Reward models",
@@ -359,13 +383,13 @@ def _reward_section(ctx: Context) -> list[str]:
         "Training settings (steps, batch, learning rate, what is trained) are in each run's `config.yaml` "
         f"under `{ctx.dir('reward')}/<run>/`; `zr train-reward --config <that file>` reruns it. Chance HPA is 0.5.",
         "",
-        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | steps | train s || paper | "
-        "PLCC | SRCC | HPA | margin HPA |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | steps | train s | "
+        "gen. HPA | gen. ties || paper | PLCC | SRCC | HPA | margin HPA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for name in order:
         r = runs[name]
-        m = r["eval"]["metrics"]["overall"]
+        m, gen = r["eval"]["metrics"]["overall"], r["eval_generated"]
         paper = PAPER_TABLE.get(name)
         paper_cells = (
             f"{paper[0]} | " + " | ".join(_fmt(x) if x is not None else "–" for x in paper[1:])
@@ -375,7 +399,8 @@ def _reward_section(ctx: Context) -> list[str]:
         lines.append(
             f"| {r['label']} | {r['eval_mode']} | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | "
             f"{_fmt(m['margin_hpa'])} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
-            f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} || {paper_cells} |"
+            f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} | {_fmt(gen['metrics']['overall']['hpa'])} | "
+            f"{_fmt(gen['tie_rate'], 3)} || {paper_cells} |"
         )
     for key, label in (
         ("latent", "reference: latent true score"),
@@ -384,9 +409,14 @@ def _reward_section(ctx: Context) -> list[str]:
         m = ref[key]["overall"]
         lines.append(
             f"| *{label}* | – | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | {_fmt(m['margin_hpa'])} "
-            "| – | – | – | – || | | | | |"
+            "| – | – | – | – | – | – || | | | | |"
         )
     lines += [
+        "",
+        f"*gen.* columns: the second test set, the base generator's samples of the test prompts "
+        f"({gs['test_images']} images, {gs['test_pairs']} pairs, annotated like the renders by the world's "
+        "annotators), with the share of its pairs the model scores as a tie. Every model trained on the world's "
+        f"training records plus {gs['train_images']} annotated generator samples of the training prompts.",
         "",
         "The reference rows are not models: the latent row scores each test image by the truth the "
         "annotators are noisy views of (an upper reference for any model), the pixel-oracle row by the "

@@ -1,7 +1,8 @@
 """The multi-seed study's reward section (issue 12 §2): per-seed HPA rows, CIs and the verdicts.
 
 Input: one demo output folder per seed; each reward run's ``reward/<run>/eval/predictions.jsonl``
-(one μ per test record, with its prompt, dimension and annotated score ŝ). Pairs follow
+(one μ per test record, with its prompt, dimension and annotated score ŝ); the HPA on the held-out
+generator samples from ``reward/<run>/eval_generated/predictions.jsonl``. Pairs follow
 ``data.build_pairs``: same prompt, same dimension, ŝ different. The statistics are in
 :mod:`zr_diffusion.synthetic.study`; the verdict rule is in its ``StudySettings``.
 
@@ -35,6 +36,7 @@ __all__ = [
     "Claim",
     "GeneratorItems",
     "SeedPairs",
+    "generated_hpa_markdown",
     "generator_study_markdown",
     "load_generator_items",
     "load_predictions",
@@ -111,11 +113,43 @@ def _mus(pairs: SeedPairs, predictions: Mapping[str, dict], where: str) -> tuple
 
 
 def _read_seed(
-    folder: Path, runs: Sequence[str]
+    folder: Path, runs: Sequence[str], sub: str = "eval"
 ) -> tuple[SeedPairs, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    preds = {r: load_predictions(folder / "reward" / r / "eval" / "predictions.jsonl") for r in runs}
+    """The pairs and every run's ``(μ_w, μ_l)`` of one test set (``reward/<run>/<sub>/``)."""
+    preds = {r: load_predictions(folder / "reward" / r / sub / "predictions.jsonl") for r in runs}
     pairs = seed_pairs(preds[runs[0]])
     return pairs, {r: _mus(pairs, preds[r], f"{folder}/reward/{r}") for r in runs}
+
+
+def _hpa_cells(pairs: SeedPairs, mus, run: str, settings: StudySettings) -> tuple[Interval, str]:
+    """One model's HPA [CI], tie rate, ties-as-half HPA and pair count, as table cells."""
+    hits, ties = pair_outcomes(*mus[run])
+    ci = hpa_interval(*mus[run], pairs.prompts, settings)
+    half = float((hits + ties / 2).mean())
+    return ci, f"{ci.cell()} | {ties.mean():.3f} | {half:.3f} | {len(hits)}"
+
+
+def generated_hpa_markdown(
+    seed_dirs: Mapping[int, Path], labels: Mapping[str, str], settings: StudySettings
+) -> str:
+    """Per seed, each model's HPA on the second test set, the base generator's annotated samples of
+    the test prompts (``reward/<run>/eval_generated``). Shown, not used by any verdict."""
+    runs = list(labels)
+    pct = f"{settings.level:.0%}"
+    lines = [
+        f"## Reward models: HPA on held-out generator samples, {pct} CIs (no verdict)",
+        "",
+        "The base generator's samples of the test prompts, annotated by the world's annotators; CIs as above.",
+        "",
+        f"| seed | test set | model | HPA [{pct} CI] | tie rate | HPA, ties as half | pairs |",
+        "|---:|---|---|---|---:|---:|---:|",
+    ]
+    for s in sorted(seed_dirs):
+        pairs, mus = _read_seed(Path(seed_dirs[s]), runs, "eval_generated")
+        for r in runs:
+            cells = _hpa_cells(pairs, mus, r, settings)[1] if pairs.winners else "n/a | n/a | n/a | 0"
+            lines.append(f"| {s} | generator samples | {labels[r]} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def reward_study_markdown(
@@ -144,15 +178,10 @@ def reward_study_markdown(
     ]
     per_seed_hpa: dict[str, list[Interval]] = {r: [] for r in runs}
     for s in seeds:
-        pairs, mus = data[s]
         for r in runs:
-            hits, ties = pair_outcomes(*mus[r])
-            ci = hpa_interval(*mus[r], pairs.prompts, settings)
+            ci, cells = _hpa_cells(*data[s], r, settings)
             per_seed_hpa[r].append(ci)
-            half = float((hits + ties / 2).mean())
-            lines.append(
-                f"| {s} | {labels[r]} | {ci.cell()} | {ties.mean():.3f} | {half:.3f} | {len(hits)} |"
-            )
+            lines.append(f"| {s} | {labels[r]} | {cells} |")
     if len(seeds) >= 2:
         lines += [
             "",

@@ -8,9 +8,11 @@ post-hoc rationale of one rubric dimension that the RewardDance-style baseline t
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from zr_diffusion.rubric import get_dimension
 from zr_diffusion.synthetic.imageops import hue_distance
+from zr_diffusion.synthetic.shapes import SHAPES
 from zr_diffusion.synthetic.world import (
     COLORS,
     COUNT_WORDS,
@@ -121,3 +123,57 @@ def rationale(scene: Scene, defects: Defects, dimension: str) -> str:
     problems = _problems(scene, defects, DEFECT_KINDS[dimension])
     verdict = "; ".join(problems) if problems else f"nothing lowers the {title}"
     return f"The image shows {contents(scene, defects)}. For {title}: {verdict}."
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a description back (perception accuracy)
+
+# every position phrase :func:`rendered_position` can write
+POSITION_WORDS: tuple[tuple[str, ...], ...] = tuple(
+    sorted(
+        (
+            tuple(p.split())
+            for p in (*POSITION_PHRASES.values(), "towards the top", "towards the bottom", "near the middle")
+        ),
+        key=len,
+        reverse=True,
+    )
+)
+SINGULARS = {plural(n, 2): n for n in (*SHAPES, "shape")}  # "crosses" -> "cross"
+
+
+class Contents(NamedTuple):
+    """The five attributes of a contents sentence; None where the sentence does not give one."""
+
+    count: str | None
+    colour: str | None
+    shape: str | None  # the noun phrase in the singular, e.g. "triangle" for "triangles"
+    position: str | None
+    background: str | None
+
+
+def singular(noun: str) -> str:
+    """ "crosses" -> "cross", "triangles" -> "triangle"; any other word as it is."""
+    return SINGULARS.get(noun, noun)
+
+
+def parse_contents(text: str) -> Contents:
+    """Read "<count> <colour> <noun> <position> on a <bg> background" (the form of :func:`contents`).
+
+    The noun may be plural or a phrase ("shapes halfway between a circle and a star"; its first
+    word is put in the singular); the position is the longest known phrase (:data:`POSITION_WORDS`)
+    that ends the words between the noun and "on a <bg> background". Without a known position
+    phrase the noun is the first word alone.
+    """
+    words = text.split()
+    count = words[0] if words else None
+    colour = words[1] if len(words) > 1 else None
+    background, middle = None, words[2:]
+    if len(words) >= 6 and words[-4:-2] == ["on", "a"] and words[-1] == "background":
+        background, middle = words[-2], words[2:-4]
+    position = next(
+        (p for p in POSITION_WORDS if len(middle) > len(p) and middle[-len(p) :] == list(p)), None
+    )
+    noun = middle[: -len(position)] if position else middle[:1]
+    shape = " ".join([singular(noun[0]), *noun[1:]]) if noun else None
+    return Contents(count, colour, shape, " ".join(position) if position else None, background)
