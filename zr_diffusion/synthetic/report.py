@@ -345,6 +345,11 @@ def _vlm_section(ctx: Context) -> list[str]:
     return lines + [""]
 
 
+def _ties(m: dict) -> str:
+    """The tie-rate and ties-as-half HPA cells of a metrics row (absent in rows cached before them)."""
+    return f"{_fmt(m.get('tie_rate'))} | {_fmt(m.get('hpa_ties_half'))}"
+
+
 def _reward_section(ctx: Context) -> list[str]:
     runs = ctx.results["reward"]["runs"]
     order = ctx.results["reward"]["order"]
@@ -359,9 +364,9 @@ def _reward_section(ctx: Context) -> list[str]:
         "Training settings (steps, batch, learning rate, what is trained) are in each run's `config.yaml` "
         f"under `{ctx.dir('reward')}/<run>/`; `zr train-reward --config <that file>` reruns it. Chance HPA is 0.5.",
         "",
-        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | steps | train s || paper | "
-        "PLCC | SRCC | HPA | margin HPA |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| model | mode | PLCC | SRCC | HPA | margin HPA | tie rate | HPA, ties ½ | tokens/call | images/s | steps "
+        "| train s || paper | PLCC | SRCC | HPA | margin HPA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for name in order:
         r = runs[name]
@@ -374,7 +379,7 @@ def _reward_section(ctx: Context) -> list[str]:
         )
         lines.append(
             f"| {r['label']} | {r['eval_mode']} | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | "
-            f"{_fmt(m['margin_hpa'])} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
+            f"{_fmt(m['margin_hpa'])} | {_ties(m)} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
             f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} || {paper_cells} |"
         )
     for key, label in (
@@ -384,13 +389,15 @@ def _reward_section(ctx: Context) -> list[str]:
         m = ref[key]["overall"]
         lines.append(
             f"| *{label}* | – | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | {_fmt(m['margin_hpa'])} "
-            "| – | – | – | – || | | | | |"
+            f"| {_ties(m)} | – | – | – | – || | | | | |"
         )
     lines += [
         "",
         "The reference rows are not models: the latent row scores each test image by the truth the "
         "annotators are noisy views of (an upper reference for any model), the pixel-oracle row by the "
-        "analytic measurement that judges the generators below.",
+        "analytic measurement that judges the generators below. HPA (Eq. 17) counts a tie (μ_a = μ_b) as "
+        "wrong; *tie rate* is the share of pairs tied and *HPA, ties ½* counts them as half (a constant "
+        "scorer gets 0.5), which matters for scorers with coarse values such as the oracle's grid.",
         "",
         "HPA per dimension (this run):",
         "",
