@@ -115,7 +115,7 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
         assert (out / stage / "done.json").is_file(), stage
     report = (out / "report.md").read_text()
     for run in RUNS:  # a row per reward model, in the metric table and the per-dimension table
-        assert report.count(f"| {run.label} |") == 2, run.label
+        assert report.count(f"| {run.label} |") == (3 if run.trains else 2), run.label  # + budget table
     for ref in ("reference: latent true score", "reference: pixel oracle"):
         assert ref in report
     for row in (
@@ -129,7 +129,7 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
     for role in ("teacher", "student"):
         assert f"| {role} (" in report
     assert "+41.3%" in report and "Different world and scale" in report
-    for name in ("accuracy", "curves", "samples"):
+    for name in ("accuracy", "curves", "samples", "val_hpa_cpu"):
         png = out / "report" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"report/{name}.png" in report
@@ -140,6 +140,36 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
         assert (out / "reward" / run.name / "eval" / "metrics.json").is_file()
     assert (out / "reward" / "gdso" / "config.yaml").is_file()  # the recipe config a user can rerun
     assert "versions" in metrics and metrics["versions"]["torch"]
+
+
+def test_smoke_reports_cpu_budgets_val_curves_and_ties(smoke_run):
+    """Every trained run validates on the val split val_points times, logs CPU seconds in every row,
+    and has a row in the budget table; the reward table has the tie columns for models and references."""
+    cfg, out, results = smoke_run
+    report = (out / "report.md").read_text()
+    assert "### Compute budget and validation curves" in report
+    assert "| tie rate | HPA, ties ½ |" in report
+    trained = [r for r in RUNS if r.trains]
+    budget = json.loads((out / "metrics.json").read_text())["reward_budget"]
+    assert budget["budget_cpu_seconds"] == cfg.reward.budget_cpu_seconds and set(budget["runs"]) == {
+        r.name for r in trained
+    }
+    for run in trained:
+        assert report.count(f"| {run.label} |") == 3, run.label  # metric, per-dimension and budget tables
+        log = json.loads((out / "reward" / run.name / "metrics.json").read_text())
+        train_cfg = (out / "reward" / run.name / "config.yaml").read_text()
+        assert "val.jsonl" in train_cfg, run.name
+        assert [r["step"] for r in log["eval"]] == [1, 2], run.name  # 2 steps, val_points 2
+        for row in log["train"] + log["eval"]:
+            assert row["cpu_seconds"] > 0 and row["wall_seconds"] > 0, (run.name, row)
+        row = budget["runs"][run.name]
+        assert row["cpu_seconds"] == log["clock"]["cpu_seconds"] > 0
+        assert row["share_of_budget"] == pytest.approx(row["cpu_seconds"] / cfg.reward.budget_cpu_seconds)
+        assert row["val_curve"]["cpu_seconds"] == [r["cpu_seconds"] for r in log["eval"]]
+        assert f"| {run.label} | {row['steps']} | {row['cpu_seconds']:.0f} |" in report
+    for ref in ("latent", "pixel_oracle"):
+        overall = results["world"]["reference"][ref]["overall"]
+        assert overall["hpa_ties_half"] == pytest.approx(overall["hpa"] + overall["tie_rate"] / 2)
 
 
 def test_smoke_report_gives_the_generator_gate_rows_and_states_a_failure_first(smoke_run):

@@ -43,15 +43,23 @@ DISTILLED = ("opd", "risd")  # distil from the GDSO teacher
 
 
 def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
-    """The TrainRewardConfig mapping of one run."""
+    """The TrainRewardConfig mapping of one run; validation on the world's val split, ``reward.val_points``
+    times (unless the run sets its own ``run.eval_every``)."""
+    from zr_diffusion.synthetic.budget import eval_every
+
     cfg = ctx.cfg
     data = ctx.results["world"]["data"]
     settings = deep_merge(cfg.reward.common, getattr(cfg.reward, run.name))
+    steps = settings.get("run", {}).get("max_steps")
+    if not isinstance(steps, int):
+        raise ValueError(f"reward.{run.name}.run.max_steps = {steps!r}: every trained run states its steps")
     filled = {
         "model": ctx.results["vlm"][run.base]["model"],
-        "data": {"train": str(Path(data) / "train.jsonl")},
+        "data": {"train": str(Path(data) / "train.jsonl"), "eval": str(Path(data) / "val.jsonl")},
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
+    if "eval_every" not in settings["run"]:
+        filled["run"]["eval_every"] = eval_every(steps, cfg.reward.val_points)
     if run.name in DISTILLED:
         filled["distill"] = {"teacher": teacher, "cache_dir": str(folder / "teacher_cache")}
     return deep_merge(settings, filled)
@@ -120,6 +128,7 @@ def run_reward(ctx: Context, folder: Path) -> dict:
             if run.trains
             else None,
             "eval": cfg.reward.eval,
+            "val_points": cfg.reward.val_points if run.trains else None,
             "world": ctx.results["world"]["hash"],
             "base": ctx.results["vlm"][run.base]["hash"],
             "teacher": out["gdso"]["hash"] if run.name in DISTILLED else None,

@@ -470,6 +470,7 @@ def _generator_section(ctx: Context) -> list[str]:
 
 def _metrics(ctx: Context, versions: dict, wall: float) -> dict:
     from zr_diffusion.config import to_dict
+    from zr_diffusion.synthetic.budget import budget_metrics
 
     return {
         "format": "zr-demo-metrics/1",
@@ -481,6 +482,7 @@ def _metrics(ctx: Context, versions: dict, wall: float) -> dict:
         "stage_seconds": {s: ctx.results[s]["seconds"] for s in ctx.results},
         "stages": {s: ctx.results[s] for s in ctx.results},
         "gates": gate_rows(ctx),
+        "reward_budget": budget_metrics(ctx),
         "paper": {
             "reward_table": {
                 k: dict(zip(("name", "plcc", "srcc", "hpa", "margin_hpa"), v)) for k, v in PAPER_TABLE.items()
@@ -499,11 +501,18 @@ def run_report(ctx: Context, folder: Path) -> dict:
 
     wall = sum(r["seconds"] for r in ctx.results.values() if not r.get("cached"))
     versions = _versions()
+    from zr_diffusion.synthetic.budget import budget_section, figure_val_hpa_cpu
+
     figures = {
         "accuracy": folder / "accuracy.png",
         "curves": folder / "curves.png",
         "samples": folder / "samples.png",
+        "val_hpa_cpu": folder / "val_hpa_cpu.png",
     }
+    reward = ctx.results["reward"]
+    figure_val_hpa_cpu(
+        reward["runs"], reward["order"], ctx.cfg.reward.budget_cpu_seconds, figures["val_hpa_cpu"]
+    )
     figure_accuracy(ctx, figures["accuracy"])
     figure_curves(ctx, figures["curves"])
     figure_samples(ctx, figures["samples"])
@@ -514,6 +523,7 @@ def run_report(ctx: Context, folder: Path) -> dict:
         + _world_section(ctx)
         + _vlm_section(ctx)
         + _reward_section(ctx)
+        + budget_section(ctx, figures["val_hpa_cpu"])
         + _generator_section(ctx)
         + ["## 5. Training curves", "", "![curves](report/curves.png)", ""]
     )
