@@ -237,8 +237,13 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     for seed in (0, 1):
         for run in RUNS:
             assert sum(line.startswith(f"| {seed} | {run.label} | ") for line in lines) == 1, (seed, run)
+    # a row per model in the across-seed means and in the pooled (test split sizing) table
     means = [line for line in lines if line.startswith(tuple(f"| {run.label} | " for run in RUNS))]
-    assert len(means) == len(RUNS) and all(line.count("[") == 1 for line in means)
+    assert len(means) == 2 * len(RUNS) and all(line.count("[") == 1 for line in means)
+    assert "| model | pooled HPA [95% CI] | half-width | ≤ 0.03 |" in lines
+    assert all(line.endswith(("| yes |", "| **no** |")) for line in means[len(RUNS) :])
+    warning = next(line for line in lines if line.startswith("**Warning:** seed 0 has "))
+    assert "seed 1 has" in warning and "(fewer than 20)" in warning  # the smoke worlds have 2 test prompts
     assert (
         "| group | claim | seed 0: A − B [95% CI] | seed 1: A − B [95% CI] | across seeds | verdict |"
         in lines
