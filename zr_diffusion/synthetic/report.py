@@ -498,11 +498,10 @@ def run_report(ctx: Context, folder: Path) -> dict:
     matplotlib.use("Agg")
     from zr_diffusion.config import save_config
     from zr_diffusion.io import atomic_write_json, atomic_write_text
+    from zr_diffusion.synthetic.budget import budget_section, figure_val_hpa_cpu
 
     wall = sum(r["seconds"] for r in ctx.results.values() if not r.get("cached"))
     versions = _versions()
-    from zr_diffusion.synthetic.budget import budget_section, figure_val_hpa_cpu
-
     figures = {
         "accuracy": folder / "accuracy.png",
         "curves": folder / "curves.png",
