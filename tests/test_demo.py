@@ -117,7 +117,7 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
         assert (out / stage / "done.json").is_file(), stage
     report = (out / "report.md").read_text()
     for run in RUNS:  # a row per reward model, in the metric table and the per-dimension table
-        assert report.count(f"| {run.label} |") == 2, run.label
+        assert report.count(f"| {run.label} |") == (3 if run.trains else 2), run.label  # + budget table
     for ref in ("reference: latent true score", "reference: pixel oracle"):
         assert ref in report
     for row in (
@@ -131,7 +131,7 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
     for role in ("teacher", "student"):
         assert f"| {role} (" in report
     assert "+41.3%" in report and "Different world and scale" in report
-    for name in ("accuracy", "curves", "samples"):
+    for name in ("accuracy", "curves", "samples", "val_hpa_cpu"):
         png = out / "report" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"report/{name}.png" in report
@@ -142,6 +142,36 @@ def test_smoke_writes_every_stage_table_row_and_figure(smoke_run):
         assert (out / "reward" / run.name / "eval" / "metrics.json").is_file()
     assert (out / "reward" / "gdso" / "config.yaml").is_file()  # the recipe config a user can rerun
     assert "versions" in metrics and metrics["versions"]["torch"]
+
+
+def test_smoke_reports_cpu_budgets_val_curves_and_ties(smoke_run):
+    """Every trained run validates on the val split val_points times, logs CPU seconds in every row,
+    and has a row in the budget table; the reward table has the tie columns for models and references."""
+    cfg, out, results = smoke_run
+    report = (out / "report.md").read_text()
+    assert "### Compute budget and validation curves" in report
+    assert "| tie rate | HPA, ties ½ |" in report
+    trained = [r for r in RUNS if r.trains]
+    budget = json.loads((out / "metrics.json").read_text())["reward_budget"]
+    assert budget["budget_cpu_seconds"] == cfg.reward.budget_cpu_seconds and set(budget["runs"]) == {
+        r.name for r in trained
+    }
+    for run in trained:
+        assert report.count(f"| {run.label} |") == 3, run.label  # metric, per-dimension and budget tables
+        log = json.loads((out / "reward" / run.name / "metrics.json").read_text())
+        train_cfg = (out / "reward" / run.name / "config.yaml").read_text()
+        assert "val.jsonl" in train_cfg, run.name
+        assert [r["step"] for r in log["eval"]] == [1, 2], run.name  # 2 steps, val_points 2
+        for row in log["train"] + log["eval"]:
+            assert row["cpu_seconds"] > 0 and row["wall_seconds"] > 0, (run.name, row)
+        row = budget["runs"][run.name]
+        assert row["cpu_seconds"] == log["clock"]["cpu_seconds"] > 0
+        assert row["share_of_budget"] == pytest.approx(row["cpu_seconds"] / cfg.reward.budget_cpu_seconds)
+        assert row["val_curve"]["cpu_seconds"] == [r["cpu_seconds"] for r in log["eval"]]
+        assert f"| {run.label} | {row['steps']} | {row['cpu_seconds']:.0f} |" in report
+    for ref in ("latent", "pixel_oracle"):
+        overall = results["world"]["reference"][ref]["overall"]
+        assert overall["hpa_ties_half"] == pytest.approx(overall["hpa"] + overall["tie_rate"] / 2)
 
 
 def test_smoke_report_gives_the_generator_gate_rows_and_states_a_failure_first(smoke_run):
@@ -259,9 +289,10 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     cfg, out, _ = smoke_run
     path = study(dataclasses.replace(cfg, output_dir=str(out.parent)), (0, 1), jobs=2)
     assert path == out.parent / "study.md" and (out.parent / "seed-1" / "report.md").is_file()
-    # the seed's config went through YAML to its process unchanged: seed 0 reran no stage
-    stages = [line for line in (out / "demo.log").read_text().splitlines() if line.startswith("stage ")]
-    assert stages and all(": cached (" in line for line in stages)
+    # the seed's config went through YAML to its process unchanged: seed 0 reused its world and VLMs
+    # (a test before may have changed a later stage's settings)
+    log0 = (out / "demo.log").read_text()
+    assert "stage world: cached (" in log0 and "stage vlm: cached (" in log0
     assert "stage world: cached" not in (out.parent / "seed-1" / "demo.log").read_text()
     lines = path.read_text().splitlines()
     for seed in (0, 1):
@@ -271,8 +302,13 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
         for run in RUNS:
             row = f"| {seed} | generator samples | {run.label} | "
             assert sum(line.startswith(row) for line in lines) == 1, (seed, run)
+    # a row per model in the across-seed means and in the pooled (test split sizing) table
     means = [line for line in lines if line.startswith(tuple(f"| {run.label} | " for run in RUNS))]
-    assert len(means) == len(RUNS) and all(line.count("[") == 1 for line in means)
+    assert len(means) == 2 * len(RUNS) and all(line.count("[") == 1 for line in means)
+    assert "| model | pooled HPA [95% CI] | half-width | ≤ 0.03 |" in lines
+    assert all(line.endswith(("| yes |", "| **no** |")) for line in means[len(RUNS) :])
+    warning = next(line for line in lines if line.startswith("**Warning:** seed 0 has "))
+    assert "seed 1 has" in warning and "(fewer than 20)" in warning  # the smoke worlds have 2 test prompts
     assert (
         "| group | claim | seed 0: A − B [95% CI] | seed 1: A − B [95% CI] | across seeds | verdict |"
         in lines

@@ -16,9 +16,11 @@ from zr_diffusion.reward.evaluate import (
     MetricUndefined,
     compute_metrics,
     hpa,
+    hpa_ties_half,
     margin_hpa,
     plcc,
     srcc,
+    tie_rate,
 )
 
 # ---------------------------------------------------------------------------------------- Eq. 17
@@ -33,6 +35,19 @@ def test_hpa_tie_counts_wrong():
     -> HPA = 2/3.
     """
     assert hpa([4, 1, 3, 5], [2, 3, 3, 1], [5, 2, 4, 3], [3, 4, 2, 3]) == pytest.approx(2 / 3)
+
+
+def test_tie_rate_and_hpa_with_ties_as_half():
+    """The pairs of test_hpa_tie_counts_wrong: 3 pairs with ŝ_a ≠ ŝ_b (the 4th is dropped), one of
+    them a model tie -> tie rate 1/3; HPA 2/3, with the tie as half 2/3 + 1/6 = 5/6.
+    A constant scorer ties every pair: tie rate 1, HPA 0, HPA with ties as half 0.5 (chance)."""
+    args = ([4, 1, 3, 5], [2, 3, 3, 1], [5, 2, 4, 3], [3, 4, 2, 3])
+    assert tie_rate(*args) == pytest.approx(1 / 3)
+    assert hpa_ties_half(*args) == pytest.approx(5 / 6)
+    const = ([2.0, 2.0], [2.0, 2.0], [5.0, 1.0], [3.0, 4.0])
+    assert (tie_rate(*const), hpa(*const), hpa_ties_half(*const)) == (1.0, 0.0, 0.5)
+    with pytest.raises(MetricUndefined, match="tie_rate: none of the 1 pairs"):
+        tie_rate([1.0], [2.0], [3.0], [3.0])
 
 
 def test_hpa_orientation_does_not_matter():
@@ -169,12 +184,17 @@ def test_compute_metrics_per_dimension_and_pooled():
     assert ov.hpa == pytest.approx(3 / 5) and ov.margin_hpa == pytest.approx(2 / 3)
     assert ov.plcc == pytest.approx(plcc(mu, [r.score for r in records]))
     assert re.srcc == pytest.approx(srcc([3.0, 2.0, 2.5], [4.0, 3.5, 3.25]))
+    # ties: alignment's a>c only (1 of 2), none in realism, 1 of the 5 pooled pairs
+    assert (al.tie_rate, re.tie_rate, ov.tie_rate) == (0.5, 0.0, pytest.approx(1 / 5))
+    assert al.hpa_ties_half == 0.75 and ov.hpa_ties_half == pytest.approx(3 / 5 + 1 / 10)
     assert ae.records == 0 and all(getattr(ae, k) is None for k in ("plcc", "srcc", "hpa", "margin_hpa"))
     assert ae.undefined == {
         "plcc": "0 records",
         "srcc": "0 records",
         "hpa": "0 pairs",
         "margin_hpa": "0 pairs",
+        "tie_rate": "0 pairs",
+        "hpa_ties_half": "0 pairs",
     }
 
 
@@ -200,6 +220,12 @@ def test_report_shows_na_and_json_has_no_nan(tmp_path):
     assert data["metrics"]["realism"]["margin_hpa"] is None
     assert data["metrics"]["realism"]["undefined"] == {"margin_hpa": "0 pairs"}
     assert data["metrics"]["overall"]["pairs"] == 2 and data["tokens_per_call"] == 1.0
+    # alignment: μ 3 = 3 on its one pair: a tie, so HPA 0 and 0.5 with the tie as half
+    assert (data["metrics"]["alignment"]["tie_rate"], data["metrics"]["alignment"]["hpa_ties_half"]) == (
+        1.0,
+        0.5,
+    )
+    assert md.startswith("| dimension | PLCC | SRCC | HPA | margin HPA | #pairs | #margin pairs | tie rate |")
     assert "NaN" not in (tmp_path / "out" / "metrics.json").read_text()
 
 

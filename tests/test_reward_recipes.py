@@ -172,6 +172,16 @@ def test_resume_ends_with_the_same_weights(world, monkeypatch):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
     metrics = json.loads((part / "metrics.json").read_text())
     assert [r["step"] for r in metrics["train"]] == [1, 2, 3]
+    # CPU/wall seconds in every row, growing, and the resumed process continued the checkpoint's count
+    stored = json.loads((part / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    rows = metrics["train"] + metrics["eval"]
+    for key in ("cpu_seconds", "wall_seconds"):
+        assert all(r[key] > 0 for r in rows), key
+        train = [r[key] for r in metrics["train"]]
+        assert train == sorted(train) and len(set(train)) == 3, (key, train)
+        assert metrics["eval"][-1][key] >= train[-1]
+    assert metrics["train"][-1]["cpu_seconds"] > metrics["train"][1]["cpu_seconds"]
+    assert stored["cpu_seconds"] >= metrics["train"][-1]["cpu_seconds"]
 
 
 def test_grad_accumulation_matches_one_big_batch(world):

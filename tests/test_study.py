@@ -18,7 +18,9 @@ from zr_diffusion.synthetic.study import (
     hpa_difference_interval,
     hpa_interval,
     pair_outcomes,
+    pooled_hpa_interval,
     seed_interval,
+    simulated_half_width,
     student_t_quantile,
     verdict,
 )
@@ -146,12 +148,33 @@ def test_all_dimensions_verdict():
     assert all_dimensions_verdict([CONFIRMED, CONTRADICTED]) == CONTRADICTED
 
 
+def test_pooled_hpa_keeps_each_seeds_prompts_apart():
+    """Prompt "a" in seed 0 (two hits) and in seed 1 (two misses) are two clusters: resamples of two
+    clusters give 0, 0.5 or 1, so the CI is [0, 1]. (One merged cluster would give [0.5, 0.5].)"""
+    per_seed = [([2.0, 2.0], [1.0, 1.0], ["a", "a"]), ([1.0, 1.0], [2.0, 2.0], ["a", "a"])]
+    assert pooled_hpa_interval(per_seed, S) == (0.5, 0.0, 1.0)
+
+
+def test_simulated_half_width_matches_the_binomial_and_grows_with_correlation():
+    """icc 0, 400 clusters of one pair at accuracy 0.65: the binomial half-width
+    1.96 · √(0.65 · 0.35 / 400) = 0.0467. A within-prompt correlation widens it; more prompts narrow it."""
+    s = StudySettings(bootstrap_resamples=500)
+    binomial = simulated_half_width(400, 1, 0.65, 0.0, s, repeats=5)
+    assert binomial == pytest.approx(1.96 * (0.65 * 0.35 / 400) ** 0.5, rel=0.08)
+    narrow = simulated_half_width(20, 20, 0.65, 0.0, s, repeats=5)
+    wide = simulated_half_width(20, 20, 0.65, 0.1, s, repeats=5)
+    more = simulated_half_width(60, 20, 0.65, 0.1, s, repeats=5)
+    assert narrow < wide and more < wide
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
         ({"level": 95}, "study.level"),
         ({"bootstrap_resamples": 10}, "study.bootstrap_resamples"),
         ({"close_margin": 0.0}, "study.close_margin"),
+        ({"target_half_width": 0.0}, "study.target_half_width"),
+        ({"min_clusters": 1}, "study.min_clusters"),
     ],
 )
 def test_settings_reject_bad_values(kwargs, field):
@@ -231,6 +254,12 @@ def test_reward_study_rows_cis_and_verdicts(tmp_path):
     # sd = 0, so the floor sets the CI: se = 1 / 2z per seed, half = z · √2 · se / 2 = 0.353553
     gdso_grpo = next(r for r in md.splitlines() if "GDSO > GRPO" in r)
     assert gdso_grpo.count("0.500 [0.000, 1.000]") == 2 and "0.500 [0.146, 0.854]" in gdso_grpo
+    # pooled over both seeds: 4 prompt clusters (seed/prompt) of one pair each. RewardDance is right
+    # on all 4: [1, 1]; GDSO hits (1, 0, 1, 0): a resample of 4 clusters is all-miss with p = 1/16 >
+    # 2.5%, all-hit likewise, so the CI is [0, 1], half-width 0.5 > 0.03
+    assert "| RewardDance | 1.000 [1.000, 1.000] | 0.000 | yes |" in md
+    assert "| GDSO | 0.500 [0.000, 1.000] | 0.500 | **no** |" in md
+    assert "seed 0 has 2 test prompt clusters, seed 1 has 2 test prompt clusters (fewer than 20)" in md
 
 
 def test_reward_study_one_seed_uses_the_bootstrap_ci(tmp_path):

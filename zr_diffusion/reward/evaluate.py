@@ -36,12 +36,14 @@ __all__ = [
     "compute_metrics",
     "evaluate_reward",
     "hpa",
+    "hpa_ties_half",
     "image_batches",
     "margin_hpa",
     "plcc",
     "score_student",
     "score_teacher",
     "srcc",
+    "tie_rate",
     "write_report",
 ]
 
@@ -94,6 +96,29 @@ def hpa(mu_a, mu_b, s_a, s_b) -> float:
         raise MetricUndefined("0 pairs", f"hpa: none of the {len(s_a)} pairs has ŝ_a ≠ ŝ_b")
     agree = (mu_a - mu_b)[keep] * (s_a - s_b)[keep] > 0  # [P']
     return agree.double().mean().item()
+
+
+def tie_rate(mu_a, mu_b, s_a, s_b) -> float:
+    """The share of Eq. 17's pairs (``ŝ_a ≠ ŝ_b``) that the model ties, ``mean 1[μ_a = μ_b]``.
+
+    Inputs ``[P]``. :func:`hpa` counts these pairs as wrong; a model that ties often (a saturated or
+    collapsed score distribution) loses HPA to ties rather than to wrong orderings. Raises
+    :class:`MetricUndefined` ("0 pairs") like :func:`hpa`.
+    """
+    mu_a, mu_b, s_a, s_b = _pair_vectors("tie_rate", mu_a, mu_b, s_a, s_b)
+    keep = s_a != s_b  # [P]
+    if not bool(keep.any()):
+        raise MetricUndefined("0 pairs", f"tie_rate: none of the {len(s_a)} pairs has ŝ_a ≠ ŝ_b")
+    return (mu_a[keep] == mu_b[keep]).double().mean().item()
+
+
+def hpa_ties_half(mu_a, mu_b, s_a, s_b) -> float:
+    """HPA (Eq. 17) with a model tie counted as half right: ``hpa + tie_rate / 2``.
+
+    Inputs ``[P]``; for a scorer with coarse values (the half-point annotation grid) whose ties are
+    no ordering at all, this is the chance-corrected reading (a constant scorer gets 0.5, not 0).
+    """
+    return hpa(mu_a, mu_b, s_a, s_b) + 0.5 * tie_rate(mu_a, mu_b, s_a, s_b)
 
 
 def margin_hpa(mu_a, mu_b, s_a, s_b, margin: float = MARGIN) -> float:
@@ -150,6 +175,7 @@ def srcc(mu, s) -> float:
 
 
 METRICS = ("plcc", "srcc", "hpa", "margin_hpa")
+TIE_METRICS = ("tie_rate", "hpa_ties_half")  # after the table's pair counts
 
 
 @dataclass
@@ -165,6 +191,8 @@ class MetricRow:
     hpa: float | None
     margin_hpa: float | None
     undefined: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
+    tie_rate: float | None = None  # share of HPA's pairs with μ_a = μ_b (counted wrong by hpa)
+    hpa_ties_half: float | None = None  # HPA with those ties counted as half
 
     def cell(self, metric: str) -> str:
         value = getattr(self, metric)
@@ -198,7 +226,7 @@ class EvalMetrics:
                     "records": r.records,
                     "pairs": r.pairs,
                     "margin_pairs": r.margin_pairs,
-                    **{m: getattr(r, m) for m in METRICS},
+                    **{m: getattr(r, m) for m in METRICS + TIE_METRICS},
                     "undefined": dict(r.undefined),
                 }
                 for r in self.rows
@@ -207,9 +235,11 @@ class EvalMetrics:
 
     def to_markdown(self) -> str:
         head = ["dimension", "PLCC", "SRCC", "HPA", "margin HPA", "#pairs", "#margin pairs"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 6) + "|"]
+        head += ["tie rate", "HPA, ties ½"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 8) + "|"]
         for r in self.rows:
             cells = [r.name, *(r.cell(m) for m in METRICS), str(r.pairs), str(r.margin_pairs)]
+            cells += [r.cell(m) for m in TIE_METRICS]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -240,6 +270,8 @@ def _metric_row(name: str, records: Sequence[ScoredRecord], mu: dict[str, float]
         ("srcc", srcc, (mus, ss)),
         ("hpa", hpa, (mu_w, mu_l, s_w, s_l)),
         ("margin_hpa", margin_hpa, (mu_w, mu_l, s_w, s_l, margin)),
+        ("tie_rate", tie_rate, (mu_w, mu_l, s_w, s_l)),
+        ("hpa_ties_half", hpa_ties_half, (mu_w, mu_l, s_w, s_l)),
     ):
         values[metric], reason = _guarded(fn, *args)
         if reason is not None:

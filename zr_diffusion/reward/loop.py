@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from zr_diffusion.io import atomic_write_json
+from zr_diffusion.reward.clock import RunClock
 from zr_diffusion.training import batch_indices as global_batch_indices
 from zr_diffusion.training import (
     build_optimizer,
@@ -223,9 +224,10 @@ def run_training(
     policy.prepared = prepared
     policy.scorer.model = PreparedVLM(prepared, policy.vlm)
 
-    start = 0
+    start, state = 0, {}
     if cfg.resume:
-        start, _ = resume_from_checkpoint(accelerator, out)
+        start, state = resume_from_checkpoint(accelerator, out)
+    clock = RunClock(state)  # CPU and wall seconds, continued from the checkpoint
     if run.tensorboard:
         init_trackers(accelerator, f"reward-{cfg.method}", to_dict(cfg))
     history = _History()
@@ -240,10 +242,12 @@ def run_training(
             return
         if accelerator.is_main_process or sharded:  # under FSDP every forward is a collective
             policy.model.eval()
+            clock.start_eval()
             with torch.no_grad(), accelerator.autocast():
                 row = {k: float(v) for k, v in eval_fn(policy.plain_scorer, step).items()}
+            clock.stop_eval()
             policy.model.train()
-            history.eval.append({"step": step, **row})
+            history.eval.append({"step": step, **row, **clock.elapsed()})
             accelerator.log({f"eval/{k}": v for k, v in row.items()}, step=step)
             accelerator.print(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
         accelerator.wait_for_everyone()
@@ -305,6 +309,7 @@ def run_training(
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             row["seconds_per_step"] = (time.perf_counter() - tic) / max(done - start, 1)
+            row |= clock.elapsed()
             history.train.append({"step": done, **row})
             accelerator.log({f"train/{k}": v for k, v in row.items()}, step=done)
             if accelerator.is_main_process and hasattr(bar, "set_postfix"):
@@ -314,13 +319,13 @@ def run_training(
         if run.save_every and done % run.save_every == 0:
             if accelerator.is_main_process:  # the log so far, so that a resumed run continues it
                 atomic_write_json(metrics_path, {"method": cfg.method, "steps": done, **history.as_dict()})
-            save_checkpoint(accelerator, out, done, keep=run.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, keep=run.keep_checkpoints, extra=clock.elapsed())
             last_saved = done
 
     final = max(start, run.max_steps)
     evaluate(final)
     if last_saved != final:
-        save_checkpoint(accelerator, out, final, keep=run.keep_checkpoints)
+        save_checkpoint(accelerator, out, final, keep=run.keep_checkpoints, extra=clock.elapsed())
 
     model_dir = out / "model"
     with gathered(policy.model):  # FSDP: the full weights on every rank, for the checksum and the save
@@ -339,6 +344,7 @@ def run_training(
         "final": (history.train[-1] if history.train else {})
         | ({f"eval_{k}": v for k, v in history.eval[-1].items() if k != "step"} if history.eval else {}),
         "processes": world,
+        "clock": clock.elapsed(),  # the whole run's seconds (main process), training and evaluation apart
         "fsdp": sharded,  # the policy was sharded with FSDP2 (fully_shard)
         "rank_weight_checksums": checksums,
         "model_dir": str(model_dir),

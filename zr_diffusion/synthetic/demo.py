@@ -101,6 +101,10 @@ def _reward_common() -> dict[str, Any]:
         "optim": {"lr": 1.0e-3, "schedule": "cosine", "warmup_steps": 10},
         "rollout": {"max_new_tokens": 160, "temperature": 1.0},
         "run": {"device": "cpu", "tensorboard": False, "progress": True, "keep_checkpoints": 1},
+        # validation curves on the world's val split (the demo fills in data.eval): its first 96 records,
+        # 6 prompts x 4 images x 4 dimensions; a teacher-mode evaluation samples one ~160-token
+        # reasoning per record, so 5 of them cost about 1.7 test-split evaluations (288 records)
+        "data": {"max_eval_records": 96},
     }
 
 
@@ -145,6 +149,17 @@ class RewardSettings:
     eval: dict[str, Any] = field(
         default_factory=lambda: {"batch_size": 16, "teacher_samples": 1, "rollout": {"max_new_tokens": 160}}
     )
+    # one training CPU-seconds budget per trained model; the runs' max_steps are set to meet it, and the
+    # report flags any run outside ±25% (zr_diffusion/synthetic/budget.py). 240 s: GDSO's 80 steps at the
+    # 2.9 CPU s/step measured on 2026-12-03 (default settings, threads=1)
+    budget_cpu_seconds: float = 240.0
+    val_points: int = 5  # validation evaluations per run: run.eval_every = max_steps // val_points
+
+    def __post_init__(self) -> None:
+        if not self.budget_cpu_seconds > 0:
+            raise ValueError(f"reward.budget_cpu_seconds = {self.budget_cpu_seconds}: give CPU seconds > 0")
+        if self.val_points < 1:
+            raise ValueError(f"reward.val_points = {self.val_points}: give at least 1 validation evaluation")
 
 
 @dataclass
@@ -213,7 +228,7 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     threads: int = 2  # torch CPU threads
     world: WorldConfig = field(
-        default_factory=lambda: WorldConfig(image_size=48, num_prompts=120, test_fraction=0.15)
+        default_factory=lambda: WorldConfig(image_size=48, num_prompts=150, test_fraction=0.2)
     )
     vlm: VLMSettings = field(default_factory=VLMSettings)
     indomain: InDomainSettings = field(default_factory=InDomainSettings)  # annotated generator samples

@@ -68,14 +68,25 @@ def tie_rate(predictions: Path) -> float | None:
 
 
 def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
-    """The TrainRewardConfig mapping of one run."""
+    """The TrainRewardConfig mapping of one run; validation on the world's val split, ``reward.val_points``
+    times (unless the run sets its own ``run.eval_every``)."""
+    from zr_diffusion.synthetic.budget import eval_every
+
     cfg = ctx.cfg
     settings = deep_merge(cfg.reward.common, getattr(cfg.reward, run.name))
+    steps = settings.get("run", {}).get("max_steps")
+    if not isinstance(steps, int):
+        raise ValueError(f"reward.{run.name}.run.max_steps = {steps!r}: every trained run states its steps")
     filled = {
         "model": ctx.results["vlm"][run.base]["model"],
-        "data": {"train": ctx.results["indomain"]["samples"]["train_merged"]},  # world + generator samples
+        "data": {
+            "train": ctx.results["indomain"]["samples"]["train_merged"],  # world + generator samples
+            "eval": str(Path(ctx.results["world"]["data"]) / "val.jsonl"),
+        },
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
+    if "eval_every" not in settings["run"]:
+        filled["run"]["eval_every"] = eval_every(steps, cfg.reward.val_points)
     if run.name in DISTILLED:
         filled["distill"] = {"teacher": teacher, "cache_dir": str(folder / "teacher_cache")}
     return deep_merge(settings, filled)
@@ -147,6 +158,7 @@ def run_reward(ctx: Context, folder: Path) -> dict:
             if run.trains
             else None,
             "eval": cfg.reward.eval,
+            "val_points": cfg.reward.val_points if run.trains else None,
             "world": ctx.results["world"]["hash"],
             "indomain": ctx.results["indomain"]["samples"]["hash"],  # training records and 2nd test set
             "base": ctx.results["vlm"][run.base]["hash"],

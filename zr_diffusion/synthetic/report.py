@@ -368,6 +368,11 @@ def _vlm_section(ctx: Context) -> list[str]:
     return lines + [""]
 
 
+def _ties(m: dict) -> str:
+    """The tie-rate and ties-as-half HPA cells of a metrics row (absent in rows cached before them)."""
+    return f"{_fmt(m.get('tie_rate'))} | {_fmt(m.get('hpa_ties_half'))}"
+
+
 def _reward_section(ctx: Context) -> list[str]:
     runs = ctx.results["reward"]["runs"]
     order = ctx.results["reward"]["order"]
@@ -383,9 +388,9 @@ def _reward_section(ctx: Context) -> list[str]:
         "Training settings (steps, batch, learning rate, what is trained) are in each run's `config.yaml` "
         f"under `{ctx.dir('reward')}/<run>/`; `zr train-reward --config <that file>` reruns it. Chance HPA is 0.5.",
         "",
-        "| model | mode | PLCC | SRCC | HPA | margin HPA | tokens/call | images/s | steps | train s | "
-        "gen. HPA | gen. ties || paper | PLCC | SRCC | HPA | margin HPA |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| model | mode | PLCC | SRCC | HPA | margin HPA | tie rate | HPA, ties ½ | tokens/call | images/s | steps "
+        "| train s | gen. HPA | gen. ties || paper | PLCC | SRCC | HPA | margin HPA |",
+        "|---|---|" + "---:|" * 12 + "---|---|" + "---:|" * 4,
     ]
     for name in order:
         r = runs[name]
@@ -398,7 +403,7 @@ def _reward_section(ctx: Context) -> list[str]:
         )
         lines.append(
             f"| {r['label']} | {r['eval_mode']} | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | "
-            f"{_fmt(m['margin_hpa'])} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
+            f"{_fmt(m['margin_hpa'])} | {_ties(m)} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
             f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} | {_fmt(gen['metrics']['overall']['hpa'])} | "
             f"{_fmt(gen['tie_rate'], 3)} || {paper_cells} |"
         )
@@ -409,7 +414,7 @@ def _reward_section(ctx: Context) -> list[str]:
         m = ref[key]["overall"]
         lines.append(
             f"| *{label}* | – | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | {_fmt(m['margin_hpa'])} "
-            "| – | – | – | – | – | – || | | | | |"
+            f"| {_ties(m)} | – | – | – | – | – | – || | | | | |"
         )
     lines += [
         "",
@@ -420,7 +425,9 @@ def _reward_section(ctx: Context) -> list[str]:
         "",
         "The reference rows are not models: the latent row scores each test image by the truth the "
         "annotators are noisy views of (an upper reference for any model), the pixel-oracle row by the "
-        "analytic measurement that judges the generators below.",
+        "analytic measurement that judges the generators below. HPA (Eq. 17) counts a tie (μ_a = μ_b) as "
+        "wrong; *tie rate* is the share of pairs tied and *HPA, ties ½* counts them as half (a constant "
+        "scorer gets 0.5), which matters for scorers with coarse values such as the oracle's grid.",
         "",
         "HPA per dimension (this run):",
         "",
@@ -493,6 +500,7 @@ def _generator_section(ctx: Context) -> list[str]:
 
 def _metrics(ctx: Context, versions: dict, wall: float) -> dict:
     from zr_diffusion.config import to_dict
+    from zr_diffusion.synthetic.budget import budget_metrics
 
     return {
         "format": "zr-demo-metrics/1",
@@ -504,6 +512,7 @@ def _metrics(ctx: Context, versions: dict, wall: float) -> dict:
         "stage_seconds": {s: ctx.results[s]["seconds"] for s in ctx.results},
         "stages": {s: ctx.results[s] for s in ctx.results},
         "gates": gate_rows(ctx),
+        "reward_budget": budget_metrics(ctx),
         "paper": {
             "reward_table": {
                 k: dict(zip(("name", "plcc", "srcc", "hpa", "margin_hpa"), v)) for k, v in PAPER_TABLE.items()
@@ -519,6 +528,7 @@ def run_report(ctx: Context, folder: Path) -> dict:
     matplotlib.use("Agg")
     from zr_diffusion.config import save_config
     from zr_diffusion.io import atomic_write_json, atomic_write_text
+    from zr_diffusion.synthetic.budget import budget_section, figure_val_hpa_cpu
 
     wall = sum(r["seconds"] for r in ctx.results.values() if not r.get("cached"))
     versions = _versions()
@@ -526,7 +536,12 @@ def run_report(ctx: Context, folder: Path) -> dict:
         "accuracy": folder / "accuracy.png",
         "curves": folder / "curves.png",
         "samples": folder / "samples.png",
+        "val_hpa_cpu": folder / "val_hpa_cpu.png",
     }
+    reward = ctx.results["reward"]
+    figure_val_hpa_cpu(
+        reward["runs"], reward["order"], ctx.cfg.reward.budget_cpu_seconds, figures["val_hpa_cpu"]
+    )
     figure_accuracy(ctx, figures["accuracy"])
     figure_curves(ctx, figures["curves"])
     figure_samples(ctx, figures["samples"])
@@ -537,6 +552,7 @@ def run_report(ctx: Context, folder: Path) -> dict:
         + _world_section(ctx)
         + _vlm_section(ctx)
         + _reward_section(ctx)
+        + budget_section(ctx, figures["val_hpa_cpu"])
         + _generator_section(ctx)
         + ["## 5. Training curves", "", "![curves](report/curves.png)", ""]
     )

@@ -31,6 +31,8 @@ __all__ = [
     "hpa_interval",
     "hpa_difference_interval",
     "pair_outcomes",
+    "pooled_hpa_interval",
+    "simulated_half_width",
     "seed_interval",
     "student_t_quantile",
     "verdict",
@@ -54,6 +56,8 @@ class StudySettings:
     bootstrap_resamples: int = 2000  # B prompt-cluster resamples within a seed
     bootstrap_seed: int = 0  # RNG seed of the resampling (the same draws for every metric)
     close_margin: float = 0.03  # HPA: "close" means |d| < margin with confidence
+    target_half_width: float = 0.03  # the issue's target for a model's HPA CI pooled over the seeds
+    min_clusters: int = 20  # fewer test prompts per seed: a percentile bootstrap is too narrow (warned)
 
     def __post_init__(self) -> None:
         if not 0.5 < self.level < 1:
@@ -61,6 +65,11 @@ class StudySettings:
         if self.bootstrap_resamples < 100:
             raise ValueError(
                 f"study.bootstrap_resamples = {self.bootstrap_resamples}: use at least 100 (2000 is usual)"
+            )
+        if not self.target_half_width > 0 or self.min_clusters < 2:
+            raise ValueError(
+                f"study.target_half_width = {self.target_half_width}, study.min_clusters = "
+                f"{self.min_clusters}: need a half-width > 0 and at least 2 clusters"
             )
         if not self.close_margin > 0:
             raise ValueError(f"study.close_margin = {self.close_margin}: must be > 0 (an HPA difference)")
@@ -129,6 +138,56 @@ def hpa_interval(mu_w, mu_l, prompts: Sequence[str], settings: StudySettings) ->
     """Eq. 17 HPA of one model over ``[P]`` pairs with its prompt-cluster CI."""
     hits, _ = pair_outcomes(mu_w, mu_l)
     return cluster_bootstrap(hits, prompts, settings)
+
+
+def pooled_hpa_interval(
+    per_seed: Sequence[tuple[Sequence[float], Sequence[float], Sequence[str]]], settings: StudySettings
+) -> Interval:
+    """Eq. 17 HPA pooled over the seeds' pairs, ``per_seed[k] = (mu_w, mu_l, prompts)`` each ``[P_k]``,
+    with a prompt-cluster bootstrap over all seeds' prompts together (seed k's prompt p is the
+    cluster ``k/p``: the worlds are independent, so equal prompt texts are different clusters)."""
+    hits, clusters = [], []
+    for k, (mu_w, mu_l, prompts) in enumerate(per_seed):
+        h, _ = pair_outcomes(mu_w, mu_l)
+        hits.append(h)
+        clusters += [f"{k}/{p}" for p in prompts]
+    return cluster_bootstrap(np.concatenate(hits) if hits else np.zeros(0), clusters, settings)
+
+
+def simulated_half_width(
+    clusters: int,
+    pairs_per_cluster: int,
+    accuracy: float,
+    icc: float,
+    settings: StudySettings,
+    repeats: int = 20,
+    seed: int = 0,
+) -> float:
+    """The mean half-width of :func:`cluster_bootstrap`'s CI of HPA over ``clusters`` prompts of
+    ``pairs_per_cluster`` pairs each, on simulated outcomes (to size a test split).
+
+    Each prompt's pair accuracy is drawn from a Beta with mean ``accuracy`` and intra-cluster
+    correlation ``icc`` (Beta(a, b) with a + b = 1/icc − 1; ``icc = 0``: every prompt at ``accuracy``),
+    its pairs' hits are Bernoulli of it; averaged over ``repeats`` simulated splits.
+    """
+    if not (0 < accuracy < 1 and 0 <= icc < 1 and clusters >= 2 and pairs_per_cluster >= 1):
+        raise ValueError(
+            f"simulated_half_width: needs 0 < accuracy < 1, 0 <= icc < 1, clusters >= 2, pairs >= 1; got "
+            f"{accuracy}, {icc}, {clusters}, {pairs_per_cluster}"
+        )
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(clusters), pairs_per_cluster).astype(str)  # [P]
+    widths = []
+    for _ in range(repeats):
+        if icc > 0:
+            n = 1 / icc - 1
+            p = rng.beta(accuracy * n, (1 - accuracy) * n, size=clusters)  # [C]
+        else:
+            p = np.full(clusters, accuracy)
+        hits = (rng.random((clusters, pairs_per_cluster)) < p[:, None]).astype(np.float64).ravel()  # [P]
+        ci = cluster_bootstrap(hits, labels, settings)
+        widths.append((ci.high - ci.low) / 2)
+    return float(np.mean(widths))
 
 
 def hpa_difference_interval(

@@ -27,6 +27,7 @@ from zr_diffusion.synthetic.study import (
     hpa_difference_interval,
     hpa_interval,
     pair_outcomes,
+    pooled_hpa_interval,
     seed_interval,
     verdict,
 )
@@ -152,6 +153,42 @@ def generated_hpa_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _sizing_lines(
+    seeds: list[int],
+    data: Mapping[int, tuple[SeedPairs, dict[str, tuple[np.ndarray, np.ndarray]]]],
+    runs: Sequence[str],
+    labels: Mapping[str, str],
+    settings: StudySettings,
+) -> list[str]:
+    """Is the test split big enough? Each model's HPA pooled over the seeds with a prompt-cluster
+    bootstrap over all seeds' prompts together, its CI half-width against the target, and a warning
+    for every seed with fewer prompt clusters than a percentile bootstrap needs."""
+    pct, target = f"{settings.level:.0%}", settings.target_half_width
+    lines = [
+        "",
+        f"Test split sizing: HPA pooled over the {len(seeds)} seed(s), {pct} CI from a prompt-cluster bootstrap "
+        f"over all seeds' prompts together; target half-width ≤ {target:g}.",
+        "",
+        f"| model | pooled HPA [{pct} CI] | half-width | ≤ {target:g} |",
+        "|---|---|---:|---|",
+    ]
+    for r in runs:
+        ci = pooled_hpa_interval([(*data[s][1][r], data[s][0].prompts) for s in seeds], settings)
+        half = (ci.high - ci.low) / 2
+        lines.append(f"| {labels[r]} | {ci.cell()} | {half:.3f} | {'yes' if half <= target else '**no**'} |")
+    few = {s: len(set(data[s][0].prompts)) for s in seeds}
+    few = {s: c for s, c in few.items() if c < settings.min_clusters}
+    if few:
+        lines += [
+            "",
+            "**Warning:** "
+            + ", ".join(f"seed {s} has {c} test prompt clusters" for s, c in few.items())
+            + f" (fewer than {settings.min_clusters}): a percentile bootstrap over so few clusters gives "
+            "intervals that are too narrow; use more test prompts (world.num_prompts, world.test_fraction).",
+        ]
+    return lines
+
+
 def reward_study_markdown(
     seed_dirs: Mapping[int, Path], labels: Mapping[str, str], settings: StudySettings
 ) -> str:
@@ -192,6 +229,7 @@ def reward_study_markdown(
             f"| {labels[r]} | {seed_interval([c.estimate for c in per_seed_hpa[r]], settings, per_seed_hpa[r]).cell()} |"
             for r in runs
         ]
+    lines += _sizing_lines(seeds, data, runs, labels, settings)
     lines += ["", "## Verdicts (the rule: the `study` section of the demo config)", ""]
     head = ["group", "claim", *(f"seed {s}: A − B [{pct} CI]" for s in seeds), "across seeds", "verdict"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
