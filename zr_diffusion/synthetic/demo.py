@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from zr_diffusion.synthetic.gates import GeneratorGate
 from zr_diffusion.synthetic.generator import GeneratorConfig
+from zr_diffusion.synthetic.overopt import SweepSettings
 from zr_diffusion.synthetic.pretrain import PretrainConfig
 from zr_diffusion.synthetic.stages import Cache, Context
 from zr_diffusion.synthetic.study import StudySettings
@@ -169,7 +170,21 @@ def _t2i_zreward() -> dict[str, Any]:
         "lora": {"rank": 8, "alpha": 8.0},
         "optim": {"lr": 1.0e-3},
         "sampler": {"num_steps": 20, "guidance_scale": 3.0, "mode": "draft", "draft_k": 1},
-        "validation": {"enabled": False},
+        "reg_weight": 1.0,  # the regulariser at the README's starting point
+        "validation": {  # the toolkit's guardrails (the demo fills in the val prompt file, judge folders)
+            "enabled": True,
+            "every": 10,  # steps 0, 10, ..., 60
+            "num_prompts": 12,  # all of the world's val prompts
+            "seeds": [0, 1],  # fixed noise: the same 24 items at every validation
+            "batch_size": 12,
+            # held out: a judge named for a reward run reads its model. The Teacher SFT model (score-
+            # first): not optimised, not the oracle, a larger VLM trained on the annotations alone, so
+            # its errors share the least with the RISD student (distilled via the GDSO teacher)
+            "judges": {"teacher_sft": {"kind": "zreward"}},
+            "select_by": "teacher_sft",  # GSB compares this selected LoRA (best/)
+            "patience": 3,  # stop after 3 validations (30 steps) without a better judge score
+            "keep_loras": True,  # for the oracle-vs-step diagnostic (never used to select)
+        },
         "run": {"max_steps": 60, "device": "cpu", "tensorboard": False, "keep_checkpoints": 1},
     }
 
@@ -205,6 +220,7 @@ class DemoConfig:
     reward: RewardSettings = field(default_factory=RewardSettings)
     generator: T2ISettings = field(default_factory=T2ISettings)
     study: StudySettings = field(default_factory=StudySettings)  # CIs and verdicts of a multi-seed study
+    sweep: SweepSettings = field(default_factory=SweepSettings)  # over-optimisation, in a study only
 
     def __post_init__(self) -> None:
         if self.world.seed != 0:
@@ -318,19 +334,26 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False) -> Path:
     """Run (or reuse) the demo once per seed into ``<output_dir>/seed-<k>``, then write
     ``<output_dir>/study.md``: per-seed rows, CIs and verdicts, reward models then generator
-    (synthetic/study_report.py)."""
+    (synthetic/study_report.py), then (``sweep.enabled``) the over-optimisation sweep of each seed and
+    its figure over the seeds (synthetic/overopt.py)."""
     from zr_diffusion.io import atomic_write_text
     from zr_diffusion.synthetic.demo_reward import RUNS
+    from zr_diffusion.synthetic.overopt import run_sweep, study_sweep_markdown
     from zr_diffusion.synthetic.study_report import generator_study_markdown, reward_study_markdown
 
     root = Path(cfg.output_dir)
     dirs = {s: root / f"seed-{s}" for s in seeds}
     for s in seeds:
-        demo(dataclasses.replace(cfg, seed=s, output_dir=str(dirs[s])), fresh=fresh)
+        seed_cfg = dataclasses.replace(cfg, seed=s, output_dir=str(dirs[s]))
+        results = demo(seed_cfg, fresh=fresh)
+        if cfg.sweep.enabled:
+            run_sweep(Context(seed_cfg, Cache(dirs[s]), dirs[s], results))
     labels = {r.name: r.label for r in RUNS}
     head = f"# zr demo study: preset {cfg.preset}, seeds {', '.join(map(str, seeds))}\n\n"
     body = "".join(f"- seed {s}: {dirs[s] / 'report.md'}\n" for s in seeds)
     tables = reward_study_markdown(dirs, labels, cfg.study) + "\n" + generator_study_markdown(dirs, cfg.study)
+    if cfg.sweep.enabled:
+        tables += "\n" + study_sweep_markdown(dirs, root)
     atomic_write_text(root / "study.md", head + body + "\n" + tables)
     print(f"zr demo: study of {len(seeds)} seed(s); report {root / 'study.md'}")
     return root / "study.md"
