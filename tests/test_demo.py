@@ -87,6 +87,19 @@ def test_cache_reuses_a_finished_step_and_rebuilds_on_a_changed_key(tmp_path):
     assert json.loads((tmp_path / "a/b/done.json").read_text())["hash"] == changed["hash"]
 
 
+def test_a_zreward_judge_without_a_path_must_name_a_reward_run(tmp_path):
+    from zr_diffusion.synthetic.demo_t2i import zreward_config
+    from zr_diffusion.synthetic.stages import Context
+
+    results = {"world": {"data": str(tmp_path / "data")}, "reward": {"runs": {"risd": {}, "teacher_sft": {}}}}
+    ctx = Context(DemoConfig(), Cache(tmp_path), tmp_path, results)
+    settings = {"validation": {"judges": {"clip": {"kind": "clipscore"}}}}
+    with pytest.raises(
+        ValueError, match=r"judges.clip: give a path, or name a reward run .*\['risd', 'teacher_sft'\]"
+    ):
+        zreward_config(ctx, tmp_path, "pipeline", "model", settings)
+
+
 def test_cache_does_not_mark_a_failed_step_done(tmp_path):
     cache = Cache(tmp_path, log=lambda s: None)
 

@@ -124,6 +124,12 @@ def zreward_config(ctx: Context, folder: Path, pipeline: str, reward_model: str,
     size = cfg.world.image_size
     runs = ctx.results["reward"]["runs"]
     judges = settings.get("validation", {}).get("judges", {})
+    for name, judge in judges.items():
+        if not judge.get("path") and name not in runs:
+            raise ValueError(
+                f"generator.zreward.validation.judges.{name}: give a path, or name a reward run "
+                f"(its model is read): {sorted(runs)}"
+            )
     filled = {
         "pipeline": str(pipeline),
         "prompts": str(world_dir / "prompts_train.txt"),
@@ -289,7 +295,10 @@ def run_generator(ctx: Context, folder: Path) -> dict:
     )
     runs = ctx.results["reward"]["runs"]
     risd = runs["risd"]
-    judges = {n: runs[n]["hash"] for n in gen.zreward.get("validation", {}).get("judges", {})}
+    judged = gen.zreward.get("validation", {}).get("judges", {})
+    judges = {
+        n: runs[n]["hash"] if n in runs else j.get("path") for n, j in judged.items()
+    }  # what each reads
     zr = ctx.cache.run(
         "generator/zreward",
         {
