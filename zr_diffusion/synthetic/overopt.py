@@ -390,9 +390,9 @@ def study_sweep_markdown(dirs: dict[int, Path], root: Path) -> str:
     lines = [
         "## Over-optimisation (Gao et al. 2022)",
         "",
-        f"The Z-Reward LoRA trained against each reward model in turn for {first['settings']['steps']} steps "
-        f"(no early stopping, reg_weight {first['settings']['reg_weight']}); at every "
-        f"{first['settings']['every']} steps the gold score (the oracle's mean aggregate on the validation "
+        f"The Z-Reward LoRA trained against each reward model in turn for {first['settings']['steps']} step(s) "
+        f"(no early stopping, reg_weight {first['settings']['reg_weight']}); at step 0 and every "
+        f"{first['settings']['every']} step(s) the gold score (the oracle's mean aggregate on the validation "
         "prompts x fixed seeds), the proxy (the optimised model's own reward on the same images) and the "
         "mean squared deviation of the denoiser's ε-prediction from the start model's on a fixed probe set. "
         f"Mean over seeds {seeds} (thin lines: each seed); the table is of the mean curves.",
