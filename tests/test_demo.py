@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from zr_diffusion.config import ConfigError, to_dict
+from zr_diffusion.rubric import DIMENSIONS
 from zr_diffusion.synthetic.demo import STAGES, DemoConfig, demo, load_demo_config, parse_seeds, study
 from zr_diffusion.synthetic.demo_reward import RUNS
 from zr_diffusion.synthetic.report import VARIANT_LABELS
@@ -86,6 +87,19 @@ def test_cache_reuses_a_finished_step_and_rebuilds_on_a_changed_key(tmp_path):
     changed = cache.run("a/b", {"k": 2}, step)
     assert len(calls) == 2 and not changed["cached"]
     assert json.loads((tmp_path / "a/b/done.json").read_text())["hash"] == changed["hash"]
+
+
+def test_a_zreward_judge_without_a_path_must_name_a_reward_run(tmp_path):
+    from zr_diffusion.synthetic.demo_t2i import zreward_config
+    from zr_diffusion.synthetic.stages import Context
+
+    results = {"world": {"data": str(tmp_path / "data")}, "reward": {"runs": {"risd": {}, "teacher_sft": {}}}}
+    ctx = Context(DemoConfig(), Cache(tmp_path), tmp_path, results)
+    settings = {"validation": {"judges": {"clip": {"kind": "clipscore"}}}}
+    with pytest.raises(
+        ValueError, match=r"judges.clip: give a path, or name a reward run .*\['risd', 'teacher_sft'\]"
+    ):
+        zreward_config(ctx, tmp_path, "pipeline", "model", settings)
 
 
 def test_cache_does_not_mark_a_failed_step_done(tmp_path):
@@ -251,6 +265,31 @@ def test_smoke_indomain_records_validate_and_every_reward_model_is_scored_on_the
         assert summary["eval_generated"]["metrics"]["overall"]["records"] == samples["test_records"]
 
 
+def test_smoke_zreward_run_has_its_guardrails_and_gsb_compares_the_selected_lora(smoke_run):
+    cfg, out, results = smoke_run
+    zr = results["generator"]["zreward"]
+    sel, v = zr["selection"], cfg.generator.zreward["validation"]
+    assert sel["select_by"] == v["select_by"] == "teacher_sft" and zr["lora"] == sel["lora"]
+    assert zr["lora"] == str(out / "generator" / "zreward" / "best")
+    run_cfg = (out / "generator" / "zreward" / "config.yaml").read_text()
+    assert str(out / "reward" / "teacher_sft") in run_cfg and "prompts_val.txt" in run_cfg
+    assert "reg_weight: 1.0" in run_cfg
+    val_prompts = (out / "generator" / "prompts_val.txt").read_text().split("\n")[:-1]
+    rows = [json.loads(line) for line in (out / "world" / "data" / "images.jsonl").read_text().splitlines()]
+    assert set(val_prompts) == {r["prompt"] for r in rows if r["split"] == "val"}
+    # the oracle of every validated LoRA (diagnostic), aligned with the run's validations
+    validations = json.loads(Path(zr["train_metrics"]).read_text())["validation"]
+    points = zr["oracle_by_step"]["points"]
+    assert [p["step"] for p in points] == [e["step"] for e in validations]
+    assert all(
+        set(p["gold"]) == {*DIMENSIONS, "aggregate"} and "judge/teacher_sft" in p["judges"] for p in points
+    )
+    assert Path(zr["oracle_by_step"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert f"Z-Reward LoRA compared: step {sel['step']} of {zr['steps_run']} (`best/`)" in report
+    assert "![oracle by step](generator/zreward/oracle_by_step.png)" in report
+
+
 def test_smoke_rerun_skips_every_stage_and_says_so(smoke_run, capsys):
     from zr_diffusion.cli import main
 
@@ -326,3 +365,23 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     assert len(dims) == 4 and all(line.count("[") == 3 for line in dims + [gsb_row])
     last = next(line for line in lines if line.startswith("| no oracle dimension of Z-Reward below SFT |"))
     assert last.endswith((f"{CONFIRMED} |", f"{NOT_SHOWN} |", f"{CONTRADICTED} |"))
+
+    # the over-optimisation sweep: per seed and over the seeds, every reward x evaluation point
+    sweep = cfg.sweep
+    steps = list(range(0, sweep.steps + 1, sweep.every))
+    for folder in (out, out.parent / "seed-1"):
+        numbers = json.loads((folder / "overoptimisation.json").read_text())
+        assert list(numbers["curves"]) == list(sweep.rewards)
+        for points in numbers["curves"].values():
+            assert [p["step"] for p in points] == steps and points[0]["deviation"] == 0.0
+            assert all({"gold", "proxy", "deviation"} <= set(p) for p in points)
+        assert (folder / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mean = json.loads((out.parent / "overoptimisation.json").read_text())["mean"]
+    assert {n: [p["step"] for p in pts] for n, pts in mean.items()} == {n: steps for n in sweep.rewards}
+    assert (out.parent / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![overoptimisation](overoptimisation.png)" in lines
+    labels = {r.name: r.label for r in RUNS}
+    for name in sweep.rewards:
+        section = lines[lines.index("## Over-optimisation (Gao et al. 2022)") :]
+        row = next(line for line in section if line.startswith(f"| {labels[name]} (optimised) | "))
+        assert row.split(" | ")[1] in {str(s) for s in steps}  # the step at which gold peaks

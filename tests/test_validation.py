@@ -124,7 +124,9 @@ def _scripted_run(tiny, out, means, *extra, steps=6):  # noqa: F811
 def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, plain_two_steps, capsys):  # noqa: F811
     out = tiny["root"] / "scripted"
     # validations at steps 0, 1, 2, 3, 4: the judge peaks at step 2, then 2 validations do not beat it
-    metrics, judge = _scripted_run(tiny, out, [1.0, 2.0, 3.0, 2.5, 2.9, 9.0], "validation.patience=2")
+    metrics, judge = _scripted_run(
+        tiny, out, [1.0, 2.0, 3.0, 2.5, 2.9, 9.0], "validation.patience=2", "validation.keep_loras=true"
+    )
     assert judge.calls == 5 and [e["step"] for e in metrics["validation"]] == [0, 1, 2, 3, 4]
     assert [e["step"] for e in metrics["train"]] == [1, 2, 3, 4]  # max_steps=6, stopped after step 4
     assert [e["judge/scripted"] for e in metrics["validation"]] == pytest.approx([1.0, 2.0, 3.0, 2.5, 2.9])
@@ -147,6 +149,12 @@ def test_patience_stops_and_best_holds_the_lora_of_the_best_judged_step(tiny, pl
     _assert_same_lora(best, plain_two_steps)
     final = load_file(out / "final" / LORA_WEIGHT_NAME)  # the stop step's LoRA, not the best one
     assert any(not torch.equal(final[k], best[k]) for k in best)
+    # keep_loras: every validation's LoRA, each in its own folder; step 2's is best/, step 4's final/
+    kept = [validation.validation_lora_dir(out, s) for s in range(5)]
+    assert [e["lora"] for e in metrics["validation"]] == [str(p) for p in kept]
+    _assert_same_lora(load_file(kept[2] / LORA_WEIGHT_NAME), best)
+    _assert_same_lora(load_file(kept[4] / LORA_WEIGHT_NAME), final)
+    assert all(not v.any() for k, v in load_file(kept[0] / LORA_WEIGHT_NAME).items() if "lora_B" in k)
 
 
 def test_without_patience_the_run_goes_on_and_a_later_best_replaces_best(tiny, capsys):  # noqa: F811

@@ -192,7 +192,8 @@ class ValidationConfig:
     Each validation scores its images with the optimised reward (per dimension) and every judge in
     ``judges`` (models the run does not optimise), each value with its standard error over the items.
     ``select_by`` (``reward`` or a judge name) keeps the LoRA of the best validation in
-    ``output_dir/best``; ``patience`` stops after that many validations without improvement.
+    ``output_dir/best``; ``patience`` stops after that many validations without improvement;
+    ``keep_loras`` keeps each validated LoRA (for post-hoc diagnostics, e.g. a gold score per step).
     """
 
     enabled: bool = True
@@ -204,6 +205,7 @@ class ValidationConfig:
     judges: dict[str, JudgeConfig] = field(default_factory=dict)  # name -> judge, never optimised
     select_by: str | None = None  # "reward" or a judge name: keep the best step's LoRA in best/
     patience: int | None = None  # stop after this many validations without improvement; None = never
+    keep_loras: bool = False  # also keep every validation step's LoRA in validation/lora-step-NNNNNNN
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "batch_size"):

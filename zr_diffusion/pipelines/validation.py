@@ -14,7 +14,8 @@ Entries go to ``metrics.json`` / ``metrics.jsonl`` (``History``), TensorBoard (`
 
 ``validation.select_by`` (``reward`` or a judge name) keeps the LoRA of the best validation in
 ``output_dir/best`` (``select_best``; ties keep the earlier step); ``validation.patience`` stops the
-run after that many validations without improvement. ``hacking_warnings`` compares each validation
+run after that many validations without improvement; ``validation.keep_loras`` also keeps the LoRA
+of every validation in ``validation/lora-step-NNNNNNN`` (``validation_lora_dir``). ``hacking_warnings`` compares each validation
 with the first one of the run (the base model, step 0): the reward rose while a judge fell by more
 than twice its standard error.
 """
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
 BEST_DIR = "best"
 BEST_RECORD = "selection.json"  # in best/: which validation step the LoRA is from
 CURVES = "validation.png"
+
+
+def validation_lora_dir(output_dir: str | Path, step: int) -> Path:
+    """Where ``validation.keep_loras`` keeps the LoRA of the validation at ``step``."""
+    return Path(output_dir) / "validation" / f"lora-step-{step:07d}"
 
 
 # ---- statistics ------------------------------------------------------------------------------------
@@ -270,6 +276,8 @@ class Validator:
         flags = torch.zeros(2, device=acc.device)
         if acc.is_main_process:
             entry = self._validate(step)
+            if self.vcfg.keep_loras:
+                entry["lora"] = str(self.adapter.save_lora(validation_lora_dir(self.out_dir, step)))
             entry["hacking_warnings"] = (
                 hacking_warnings(self.entries[0], entry, list(self.judges)) if self.entries else []
             )

@@ -38,6 +38,7 @@ from typing import Any, Literal
 from zr_diffusion.synthetic.gates import GeneratorGate, VLMGate
 from zr_diffusion.synthetic.generator import GeneratorConfig
 from zr_diffusion.synthetic.indomain import InDomainSettings
+from zr_diffusion.synthetic.overopt import SweepSettings
 from zr_diffusion.synthetic.pretrain import PretrainConfig
 from zr_diffusion.synthetic.stages import Cache, Context
 from zr_diffusion.synthetic.study import StudySettings
@@ -198,7 +199,21 @@ def _t2i_zreward() -> dict[str, Any]:
         "lora": {"rank": 8, "alpha": 8.0},
         "optim": {"lr": 1.0e-3},
         "sampler": {"num_steps": 20, "guidance_scale": 3.0, "mode": "draft", "draft_k": 1},
-        "validation": {"enabled": False},
+        "reg_weight": 1.0,  # the regulariser at the README's starting point
+        "validation": {  # the toolkit's guardrails (the demo fills in the val prompt file, judge folders)
+            "enabled": True,
+            "every": 10,  # steps 0, 10, ..., 60
+            "num_prompts": 12,  # all of the world's val prompts
+            "seeds": [0, 1],  # fixed noise: the same 24 items at every validation
+            "batch_size": 12,
+            # held out: a judge named for a reward run reads its model. The Teacher SFT model (score-
+            # first): not optimised, not the oracle, a larger VLM trained on the annotations alone, so
+            # its errors share the least with the RISD student (distilled via the GDSO teacher)
+            "judges": {"teacher_sft": {"kind": "zreward"}},
+            "select_by": "teacher_sft",  # GSB compares this selected LoRA (best/)
+            "patience": 3,  # stop after 3 validations (30 steps) without a better judge score
+            "keep_loras": True,  # for the oracle-vs-step diagnostic (never used to select)
+        },
         "run": {"max_steps": 60, "device": "cpu", "tensorboard": False, "keep_checkpoints": 1},
     }
 
@@ -235,6 +250,7 @@ class DemoConfig:
     reward: RewardSettings = field(default_factory=RewardSettings)
     generator: T2ISettings = field(default_factory=T2ISettings)
     study: StudySettings = field(default_factory=StudySettings)  # CIs and verdicts of a multi-seed study
+    sweep: SweepSettings = field(default_factory=SweepSettings)  # over-optimisation, in a study only
 
     def __post_init__(self) -> None:
         if self.world.seed != 0:
@@ -351,10 +367,21 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def run_seed(cfg: DemoConfig, fresh: bool = False) -> dict:
+    """One seed of a study: the demo, then (``sweep.enabled``) its over-optimisation sweep."""
+    from zr_diffusion.synthetic.overopt import run_sweep
+
+    results = demo(cfg, fresh=fresh)
+    if cfg.sweep.enabled:
+        root = Path(cfg.output_dir)
+        run_sweep(Context(cfg, Cache(root), root, results))
+    return results
+
+
 def _run_seeds_in_parallel(configs: dict[int, DemoConfig], fresh: bool, jobs: int) -> None:
-    """One ``zr demo --config <seed dir>/demo_config.yaml`` subprocess per seed, ``jobs`` at a time;
-    each writes its console output to ``<seed dir>/demo.log``. A failed seed stops the study, naming
-    its log."""
+    """One ``python -m zr_diffusion.synthetic.demo <seed dir>/demo_config.yaml`` process per seed
+    (:func:`run_seed`), ``jobs`` at a time; each writes its console output to ``<seed dir>/demo.log``.
+    A failed seed stops the study, naming its log."""
     import subprocess
     import sys
 
@@ -369,18 +396,14 @@ def _run_seeds_in_parallel(configs: dict[int, DemoConfig], fresh: bool, jobs: in
             folder = Path(seed_cfg.output_dir)
             folder.mkdir(parents=True, exist_ok=True)
             save_config(seed_cfg, folder / "demo_config.yaml")
-            cmd = [
-                sys.executable,
-                "-m",
-                "zr_diffusion.cli",
-                "demo",
-                "--config",
-                str(folder / "demo_config.yaml"),
-            ]
+            cmd = [sys.executable, "-m", "zr_diffusion.synthetic.demo", str(folder / "demo_config.yaml")]
             log = folder / "demo.log"
             with log.open("w") as handle:
                 proc = subprocess.Popen(
-                    cmd + (["--fresh"] if fresh else []), stdout=handle, stderr=subprocess.STDOUT
+                    cmd + (["--fresh"] if fresh else []),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
             print(f"zr demo: seed {seed} started (pid {proc.pid}, log {log})")
             running[seed] = (proc, log)
@@ -400,9 +423,12 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: in
     ``<output_dir>/study.md``: per-seed rows, CIs and verdicts, reward models then generator
     (synthetic/study_report.py). ``jobs > 1`` runs that many seeds at once, each in its own process
     with ``threads // jobs`` torch threads (at least 1; another thread count may change the last bits
-    of floating-point sums, so compare seeds run with the same count)."""
+    of floating-point sums, so compare seeds run with the same count). Then (``sweep.enabled``) each
+    seed's over-optimisation sweep (in the seed's process) and its figure over the seeds
+    (synthetic/overopt.py)."""
     from zr_diffusion.io import atomic_write_text
     from zr_diffusion.synthetic.demo_reward import RUNS
+    from zr_diffusion.synthetic.overopt import study_sweep_markdown
     from zr_diffusion.synthetic.study_report import (
         generated_hpa_markdown,
         generator_study_markdown,
@@ -415,7 +441,7 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: in
     dirs = {s: root / f"seed-{s}" for s in seeds}
     if jobs == 1:
         for s in seeds:
-            demo(dataclasses.replace(cfg, seed=s, output_dir=str(dirs[s])), fresh=fresh)
+            run_seed(dataclasses.replace(cfg, seed=s, output_dir=str(dirs[s])), fresh=fresh)
     else:
         threads = max(1, cfg.threads // jobs)
         configs = {
@@ -432,6 +458,8 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: in
         + "\n"
         + generator_study_markdown(dirs, cfg.study)
     )
+    if cfg.sweep.enabled:
+        tables += "\n" + study_sweep_markdown(dirs, root)
     atomic_write_text(root / "study.md", head + body + "\n" + tables)
     print(f"zr demo: study of {len(seeds)} seed(s); report {root / 'study.md'}")
     return root / "study.md"
@@ -461,5 +489,14 @@ __all__ = [
     "demo",
     "load_demo_config",
     "parse_seeds",
+    "run_seed",
     "study",
 ]
+
+
+if __name__ == "__main__":  # one seed of a study, in its own process (_run_seeds_in_parallel)
+    import sys
+
+    from zr_diffusion.synthetic import demo as _module  # the importable module, not this __main__ copy
+
+    _module.run_seed(_module.load_demo_config(config=sys.argv[1]), fresh="--fresh" in sys.argv[2:])

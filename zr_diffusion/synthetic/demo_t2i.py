@@ -8,8 +8,11 @@ Steps (each cached on its own):
                          on the annotator-preferred training images (``min_score`` on the mean
                          annotated score);
 - ``generator/zreward``  the SFT LoRA fused into the base, then :func:`pipelines.reward_finetune.
-                         finetune_t2i` with the frozen RISD student as the differentiable reward;
-- ``generator/gsb``      base, SFT and Z-Reward generate the held-out (test-split) prompts from the
+                         finetune_t2i` with the frozen RISD student as the differentiable reward,
+                         the toolkit's guardrails on (validation on the world's val prompts with fixed
+                         noise, a held-out judge selecting ``best/`` with early stopping, the
+                         regulariser) and, diagnostic only, the oracle's score of every validated LoRA;
+- ``generator/gsb``      base, SFT and Z-Reward (the selected LoRA, ``best/``) generate the held-out (test-split) prompts from the
                          same noise; GSB by oracle annotators and the oracle's mean score per
                          dimension (:mod:`synthetic.oracle_gsb`); the RISD student's own scores beside
                          them, so that reward hacking would show.
@@ -65,38 +68,97 @@ def _sft(ctx: Context, folder: Path, pipeline: str) -> dict:
     }
 
 
-def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_model: str) -> dict:
+def write_val_prompts(ctx: Context) -> Path:
+    """The world's validation-split prompts, one a line, in ``generator/prompts_val.txt``."""
+    from zr_diffusion.io import atomic_write_text
+
+    data, _ = _world_paths(ctx)
+    rows = [json.loads(line) for line in (data / "images.jsonl").read_text().splitlines()]
+    path = ctx.dir("generator") / "prompts_val.txt"
+    atomic_write_text(path, "\n".join(sorted({r["prompt"] for r in rows if r["split"] == "val"})) + "\n")
+    return path
+
+
+def zreward_config(ctx: Context, folder: Path, pipeline: str, reward_model: str, settings: dict):
+    """The FinetuneT2IConfig of a Z-Reward run: ``settings`` (FinetuneT2IConfig keys) with the training
+    and validation prompts, the reward model, each judge named for a reward run (its model folder),
+    the image size, seed and output folder filled in; written as ``config_demo.yaml``."""
     from zr_diffusion.pipelines.config import FinetuneT2IConfig
-    from zr_diffusion.pipelines.reward_finetune import finetune_t2i
-    from zr_diffusion.synthetic.generator import merge_lora
 
     cfg = ctx.cfg
     _, world_dir = _world_paths(ctx)
     size = cfg.world.image_size
-    sft_pipeline = merge_lora(pipeline, sft_lora, folder / "sft_pipeline")
+    runs = ctx.results["reward"]["runs"]
+    judges = settings.get("validation", {}).get("judges", {})
+    for name, judge in judges.items():
+        if not judge.get("path") and name not in runs:
+            raise ValueError(
+                f"generator.zreward.validation.judges.{name}: give a path, or name a reward run "
+                f"(its model is read): {sorted(runs)}"
+            )
     filled = {
-        "pipeline": str(sft_pipeline),
+        "pipeline": str(pipeline),
         "prompts": str(world_dir / "prompts_train.txt"),
         "reward": {"model": reward_model},
         "sampler": {"height": size, "width": size},
+        "validation": {
+            "prompts": str(write_val_prompts(ctx)),
+            "judges": {n: {"path": runs[n]["model"]} for n in judges if not judges[n].get("path")},
+        },
         "run": {"output_dir": str(folder), "seed": cfg.seed},
     }
-    ft_cfg = write_run_config(
-        FinetuneT2IConfig, deep_merge(cfg.generator.zreward, filled), folder / "config_demo.yaml"
-    )
+    return write_run_config(FinetuneT2IConfig, deep_merge(settings, filled), folder / "config_demo.yaml")
+
+
+def _oracle_by_step(ctx: Context, folder: Path, ft_cfg, pipeline: str, selected: int | None) -> dict:
+    """Diagnostic only, never used to select: the oracle's mean score of every validation step's LoRA
+    on the same items, beside the proxy reward and the judge (``oracle_by_step.json`` / ``.png``)."""
+    from zr_diffusion.io import atomic_write_json
+    from zr_diffusion.synthetic.overopt import eval_items, plot_oracle_by_step, points_of_run
+
+    data, _ = _world_paths(ctx)
+    points = points_of_run(folder, pipeline, eval_items(ft_cfg, scenes_by_prompt(data)), probe=None)
+    atomic_write_json(folder / "oracle_by_step.json", points)
+    plot_oracle_by_step(points, folder / "oracle_by_step.png", selected)
+    return {
+        "points": points,
+        "json": str(folder / "oracle_by_step.json"),
+        "png": str(folder / "oracle_by_step.png"),
+    }
+
+
+def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_model: str) -> dict:
+    from zr_diffusion.pipelines.reward_finetune import finetune_t2i
+    from zr_diffusion.synthetic.generator import merge_lora
+
+    sft_pipeline = merge_lora(pipeline, sft_lora, folder / "sft_pipeline")
+    ft_cfg = zreward_config(ctx, folder, sft_pipeline, reward_model, ctx.cfg.generator.zreward)
     final = finetune_t2i(ft_cfg)
     metrics = json.loads((folder / "metrics.json").read_text())
     train = metrics.get("train", [])
-    return {
+    selection = metrics.get("selection")
+    if ft_cfg.validation.select_by is not None and (selection is None or selection["lora"] is None):
+        raise RuntimeError(f"{folder / 'metrics.json'}: the run kept no selected LoRA in best/")
+    out = {
         "pipeline": str(sft_pipeline),
-        "lora": str(folder / "final"),
+        # the LoRA that GSB compares: validation's selected step (best/), else the last step's
+        "lora": selection["lora"] if selection else str(folder / "final"),
+        "final_lora": str(folder / "final"),
+        "selection": selection,
+        "stopped_early": metrics.get("stopped_early"),
+        "hacking_warnings": len(metrics.get("hacking_warnings", [])),
+        "steps_run": train[-1]["step"] if train else 0,
         "reward_first": train[0]["reward"] if train else None,
         "reward_last": final.get("reward"),
         "train_metrics": str(folder / "metrics.json"),
     }
+    if ft_cfg.validation.enabled and ft_cfg.validation.keep_loras:
+        selected = selection["step"] if selection else None
+        out["oracle_by_step"] = _oracle_by_step(ctx, folder, ft_cfg, str(sft_pipeline), selected)
+    return out
 
 
-def _scenes_by_prompt(data: Path) -> dict:
+def scenes_by_prompt(data: Path) -> dict:
     from zr_diffusion.synthetic.world import Scene
 
     out = {}
@@ -126,7 +188,7 @@ def _gsb(ctx: Context, folder: Path, variants: dict, reward_model: str) -> dict:
     gs = cfg.generator.gsb
     data, world_dir = _world_paths(ctx)
     prompts = load_prompts(world_dir / "prompts_test.txt")
-    scenes = _scenes_by_prompt(data)
+    scenes = scenes_by_prompt(data)
     items = [(p, s) for s in gs.seeds for p in prompts]  # seed-major, as generate() orders them
     item_prompts = [p for p, _ in items]
     item_scenes = [scenes[p] for p in item_prompts]
@@ -188,10 +250,21 @@ def run_generator(ctx: Context, folder: Path) -> dict:
         {"sft": gen.sft, "base": base["hash"], "world": world_hash, "seed": cfg.seed},
         lambda d: _sft(ctx, d, base["pipeline"]),
     )
-    risd = ctx.results["reward"]["runs"]["risd"]
+    runs = ctx.results["reward"]["runs"]
+    risd = runs["risd"]
+    judged = gen.zreward.get("validation", {}).get("judges", {})
+    judges = {
+        n: runs[n]["hash"] if n in runs else j.get("path") for n, j in judged.items()
+    }  # what each reads
     zr = ctx.cache.run(
         "generator/zreward",
-        {"zreward": gen.zreward, "sft": sft["hash"], "reward": risd["hash"], "seed": cfg.seed},
+        {
+            "zreward": gen.zreward,
+            "sft": sft["hash"],
+            "reward": risd["hash"],
+            "judges": judges,
+            "seed": cfg.seed,
+        },
         lambda d: _zreward(ctx, d, base["pipeline"], sft["lora"], risd["model"]),
     )
     variants = {
@@ -222,4 +295,11 @@ def run_generator(ctx: Context, folder: Path) -> dict:
     return {"line": line, "base": base, "gate": gate, "sft": sft, "zreward": zr, "gsb": gsb}
 
 
-__all__ = ["COMPARISONS", "VARIANTS", "run_generator"]
+__all__ = [
+    "COMPARISONS",
+    "VARIANTS",
+    "run_generator",
+    "scenes_by_prompt",
+    "write_val_prompts",
+    "zreward_config",
+]

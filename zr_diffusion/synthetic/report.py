@@ -488,6 +488,7 @@ def _generator_section(ctx: Context) -> list[str]:
                 + " | ".join(f"{table[v][d]:.3f}" for d in DIMENSIONS)
                 + f" | {table[v]['aggregate']:.3f} |"
             )
+    lines += _selection_lines(g["zreward"])
     lines += [
         "",
         f"Side-by-side review page for people: `{gsb['review_page']}`.",
@@ -495,6 +496,30 @@ def _generator_section(ctx: Context) -> list[str]:
         "![samples](report/samples.png)",
         "",
     ]
+    return lines
+
+
+def _selection_lines(zr: dict) -> list[str]:
+    """Which Z-Reward LoRA the GSB compares, and the oracle-vs-step diagnostic figure."""
+    sel = zr.get("selection")
+    if not sel:
+        return ["", f"Z-Reward LoRA compared: the last step's ({zr['lora']}); no validation selection."]
+    stop = zr.get("stopped_early")
+    lines = [
+        "",
+        f"Z-Reward LoRA compared: step {sel['step']} of {zr['steps_run']} (`best/`), selected by the held-out "
+        f"judge `{sel['select_by']}` ({sel['value']:.3f} ± {sel['se']:.3f} SE)"
+        + (f"; stopped early at step {stop['step']} (patience {stop['patience']})" if stop else "")
+        + f"; {zr['hacking_warnings']} hacking warning(s).",
+    ]
+    if "oracle_by_step" in zr:
+        path = Path(zr["oracle_by_step"]["png"])
+        lines += [
+            "The oracle's score of every validated LoRA (diagnostic only, never used to select), beside the "
+            "proxy (RISD student) and the judge:",
+            "",
+            f"![oracle by step]({path.parent.parent.name}/{path.parent.name}/{path.name})",
+        ]
     return lines
 
 
