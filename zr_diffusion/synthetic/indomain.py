@@ -47,7 +47,7 @@ class InDomainSettings:
     """Base-generator samples annotated as reward data (training prompts) and as a second test set."""
 
     train_per_prompt: int = 2  # images per training prompt, one annotation each
-    test_per_prompt: int = 4  # images per test prompt, world.annotators_per_test_item annotations each
+    test_per_prompt: int = 3  # images per test prompt, world.annotators_per_test_item annotations each
     seed_start: int = 100  # noise seeds seed_start, seed_start + 1, ... (GSB and the gate use 0..3)
     num_steps: int = 20  # DDIM steps, as GSB samples
     guidance_scale: float = 3.0

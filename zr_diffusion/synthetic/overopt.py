@@ -46,8 +46,8 @@ class SweepSettings:
     # §3 keeps it out of the default preset's time budget).
     enabled: bool = True
     rewards: tuple[str, ...] = ("risd", "student_sft", "opd")  # reward-stage runs, each optimised in turn
-    steps: int = 48  # optimizer steps per reward model (the Z-Reward run has 60)
-    every: int = 12  # evaluation interval: steps 0, 12, 24, 36, 48
+    steps: int = 24  # optimizer steps per reward model (the Z-Reward run has up to 60)
+    every: int = 8  # evaluation interval: steps 0, 8, 16, 24
     # No regulariser: the sweep asks how far each reward can be pushed before gold turns down (Gao et
     # al.'s curves are against the distance from the start, not held near it)
     reg_weight: float = 0.0
