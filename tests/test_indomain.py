@@ -4,8 +4,6 @@ tests/test_demo.py."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -154,16 +152,3 @@ def test_indomain_settings_seeds_and_rationale():
     )
     clean = dict.fromkeys(("noise", "blotch", "smear"), 0.0)
     assert measured_rationale(clean, "realism") == "For realism: no visible defect."
-
-
-def test_tie_rate_counts_equal_scores_over_the_pairs(tmp_path):
-    from zr_diffusion.synthetic.demo_reward import tie_rate
-
-    rows = [  # prompt p: three records of one dimension, scores 4, 3, 3 -> pairs (a,b), (a,c); b,c equal ŝ
-        {"id": "a", "prompt": "p", "dimension": "realism", "score": 4.0, "mu": 3.0},
-        {"id": "b", "prompt": "p", "dimension": "realism", "score": 3.0, "mu": 3.0},
-        {"id": "c", "prompt": "p", "dimension": "realism", "score": 3.0, "mu": 2.0},
-    ]
-    path = tmp_path / "predictions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert tie_rate(path) == 0.5

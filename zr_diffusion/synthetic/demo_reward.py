@@ -54,19 +54,6 @@ def records_of(ctx: Context, test: str) -> str:
     return ctx.results["indomain"]["samples"]["test"]
 
 
-def tie_rate(predictions: Path) -> float | None:
-    """Share of the test pairs (same prompt and dimension, ŝ different) a model scores equal (μ_w = μ_l)."""
-    from zr_diffusion.synthetic.study import pair_outcomes
-    from zr_diffusion.synthetic.study_report import load_predictions, seed_pairs
-
-    rows = load_predictions(predictions)
-    pairs = seed_pairs(rows)
-    if not pairs.winners:
-        return None
-    _, ties = pair_outcomes([rows[i]["mu"] for i in pairs.winners], [rows[i]["mu"] for i in pairs.losers])
-    return float(ties.mean())
-
-
 def train_config(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict[str, Any]:
     """The TrainRewardConfig mapping of one run; validation on the world's val split, ``reward.val_points``
     times (unless the run sets its own ``run.eval_every``)."""
@@ -142,7 +129,6 @@ def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
         evaluate_reward(eval_cfg)
         summary[f"{sub}_seconds"] = time.perf_counter() - tic
         summary[sub] = json.loads((folder / sub / "metrics.json").read_text())
-        summary[sub]["tie_rate"] = tie_rate(folder / sub / "predictions.jsonl")
     summary["model"] = model
     return summary
 

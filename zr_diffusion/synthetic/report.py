@@ -405,7 +405,7 @@ def _reward_section(ctx: Context) -> list[str]:
             f"| {r['label']} | {r['eval_mode']} | {_fmt(m['plcc'])} | {_fmt(m['srcc'])} | {_fmt(m['hpa'])} | "
             f"{_fmt(m['margin_hpa'])} | {_ties(m)} | {r['eval']['tokens_per_call']:.1f} | {r['eval']['images_per_second']:.1f} | "
             f"{r.get('steps', 0)} | {r.get('train_seconds', 0):.0f} | {_fmt(gen['metrics']['overall']['hpa'])} | "
-            f"{_fmt(gen['tie_rate'], 3)} || {paper_cells} |"
+            f"{_fmt(gen['metrics']['overall'].get('tie_rate'), 3)} || {paper_cells} |"
         )
     for key, label in (
         ("latent", "reference: latent true score"),
