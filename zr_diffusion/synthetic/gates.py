@@ -88,6 +88,15 @@ def split_rows(images_jsonl: str | Path, split: str) -> list[dict]:
     return found
 
 
+def prompt_scenes(rows: list[dict]) -> dict[str, Scene]:
+    """Each prompt of the image ``rows`` (:func:`split_rows`) and its scene (the first render's),
+    sorted by prompt."""
+    scenes: dict[str, Scene] = {}
+    for r in rows:
+        scenes.setdefault(r["prompt"], Scene(**r["scene"]))
+    return dict(sorted(scenes.items()))
+
+
 def render_scores(images_jsonl: str | Path, rows: list[dict]) -> list[dict[str, float]]:
     """The oracle's scores of the world's renders (their PNGs next to ``images.jsonl``)."""
     from zr_diffusion.data import load_image
@@ -106,10 +115,8 @@ def generator_gate(pipeline: str | Path, images_jsonl: str | Path, gate: Generat
     from zr_diffusion.pipelines.sampler import SamplerConfig
 
     rows = split_rows(images_jsonl, gate.split)
-    scenes: dict[str, Scene] = {}
-    for r in rows:
-        scenes.setdefault(r["prompt"], Scene(**r["scene"]))
-    prompts = sorted(scenes)
+    scenes = prompt_scenes(rows)
+    prompts = list(scenes)
     sampler = SamplerConfig(
         num_steps=gate.num_steps, guidance_scale=gate.guidance_scale, height=size, width=size
     )
@@ -142,6 +149,7 @@ __all__ = [
     "gate_check",
     "generator_gate",
     "perception_checks",
+    "prompt_scenes",
     "render_scores",
     "split_rows",
 ]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from zr_diffusion.synthetic.world import DEFECT_KINDS, Scene, WorldConfig
+from zr_diffusion.synthetic.world import DEFECT_KINDS, WorldConfig
 
 if TYPE_CHECKING:
     from zr_diffusion.synthetic.stages import Context
@@ -72,16 +72,6 @@ def annotation_rng(world_seed: int, split: str, prompt: int, sample: int) -> np.
     return np.random.default_rng([world_seed, ANNOTATION_STREAM, SAMPLE_SPLITS.index(split), prompt, sample])
 
 
-def prompt_scenes(images_jsonl: str | Path, split: str) -> dict[str, Scene]:
-    """Each prompt of ``split`` and its scene (the first render's, as the gate and GSB use), sorted by prompt."""
-    from zr_diffusion.synthetic.gates import split_rows
-
-    scenes: dict[str, Scene] = {}
-    for r in split_rows(images_jsonl, split):
-        scenes.setdefault(r["prompt"], Scene(**r["scene"]))
-    return dict(sorted(scenes.items()))
-
-
 def measured_rationale(severities: dict[str, float], dimension: str) -> str:
     """A post-hoc rationale of one dimension from the oracle's measured defect severities."""
     from zr_diffusion.rubric import get_dimension
@@ -114,10 +104,11 @@ def _write_split(pipeline: str, world: WorldConfig, images_jsonl: Path, settings
     from zr_diffusion.data import ScoredRecord
     from zr_diffusion.pipelines.sampler import SamplerConfig
     from zr_diffusion.synthetic.dataset import save_png
+    from zr_diffusion.synthetic.gates import prompt_scenes, split_rows
     from zr_diffusion.synthetic.oracle import measure, scores_from_severities
     from zr_diffusion.synthetic.oracle_gsb import Variant, generate_variant
 
-    scenes = prompt_scenes(images_jsonl, split)
+    scenes = prompt_scenes(split_rows(images_jsonl, split))
     prompts, seeds = list(scenes), settings.seeds(split)
     size = world.image_size
     sampler = SamplerConfig(
@@ -251,7 +242,6 @@ __all__ = [
     "annotate_samples",
     "annotation_rng",
     "measured_rationale",
-    "prompt_scenes",
     "run_indomain",
     "write_samples",
 ]
