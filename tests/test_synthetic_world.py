@@ -364,3 +364,28 @@ def test_generator_corpus_is_checked():
 
     with pytest.raises(ValueError, match="generator.corpus='all'"):
         GeneratorConfig(corpus="all")
+
+
+def test_contents_weight_puts_its_weight_on_the_first_sentence_only():
+    from zr_diffusion.synthetic.pretrain import (
+        PerceptionItem,
+        PretrainConfig,
+        _token_weights,
+        contents_token_count,
+        suffix_ids,
+    )
+    from zr_diffusion.synthetic.world import Defects
+    from zr_diffusion.vlm.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    clean, bad = describe(SCENE, Defects()), describe(SCENE, Defects(noise=0.8))
+    items = [PerceptionItem(np.zeros((4, 4, 3)), SCENE.prompt, d, "") for d in (clean, bad)]
+    n = [len(suffix_ids(tok, d)) for d in (clean, bad)]
+    first = contents_token_count(tok, bad)
+    assert first == len(tok.encode(bad.split(". ")[0] + ".", add_special_tokens=False)) < n[1]
+    w = _token_weights(tok, items, max(n), 5.0)  # [2, T], suffixes right-aligned
+    assert w.shape == (2, max(n)) and (w[0, : max(n) - n[0]] == 0).all()
+    row = w[1, max(n) - n[1] :]
+    assert (row[:first] == 5.0).all() and (row[first:] == 1.0).all()
+    with pytest.raises(ValueError, match="contents_weight"):
+        PretrainConfig(contents_weight=0.0)

@@ -133,33 +133,54 @@ def _run_one(ctx: Context, run: Run, folder: Path, teacher: str | None) -> dict:
     return summary
 
 
-def run_reward(ctx: Context, folder: Path) -> dict:
+def _reward_step(ctx: Context, folder: Path, name: str, teacher: str | None) -> dict:
+    return _run_one(ctx, next(r for r in RUNS if r.name == name), folder, teacher)
+
+
+def _run_key(ctx: Context, run: Run, gdso: dict | None) -> dict:
     cfg = ctx.cfg
-    out: dict[str, dict] = {}
-    for run in RUNS:
-        teacher = out["gdso"]["model"] if run.name in DISTILLED else None
-        key = {
-            "run": run.name,
-            "settings": deep_merge(cfg.reward.common, getattr(cfg.reward, run.name, {}))
-            if run.trains
-            else None,
-            "eval": cfg.reward.eval,
-            "val_points": cfg.reward.val_points if run.trains else None,
-            "world": ctx.results["world"]["hash"],
-            "indomain": ctx.results["indomain"]["samples"]["hash"],  # training records and 2nd test set
-            "base": ctx.results["vlm"][run.base]["hash"],
-            "teacher": out["gdso"]["hash"] if run.name in DISTILLED else None,
-            "seed": cfg.seed,
-        }
-        out[run.name] = ctx.cache.run(
-            f"reward/{run.name}", key, lambda d, run=run, teacher=teacher: _run_one(ctx, run, d, teacher)
-        )
-        overall = out[run.name]["eval"]["metrics"]["overall"]
-        hpa, gen = overall["hpa"], out[run.name]["eval_generated"]["metrics"]["overall"]["hpa"]
+    return {
+        "run": run.name,
+        "settings": deep_merge(cfg.reward.common, getattr(cfg.reward, run.name, {})) if run.trains else None,
+        "eval": cfg.reward.eval,
+        "val_points": cfg.reward.val_points if run.trains else None,
+        "world": ctx.results["world"]["hash"],
+        "indomain": ctx.results["indomain"]["samples"]["hash"],  # training records and 2nd test set
+        "base": ctx.results["vlm"][run.base]["hash"],
+        "teacher": gdso["hash"] if gdso is not None else None,
+        "seed": cfg.seed,
+    }
+
+
+def run_reward(ctx: Context, folder: Path) -> dict:
+    """Every run of :data:`RUNS`, ``threads`` of them at once (each in its own one-thread process) when
+    the demo has more than one torch thread; the distilled students start once GDSO is done."""
+    from zr_diffusion.synthetic.stages import Step, run_steps
+
+    def build(run: Run):
+        def make(done: dict[str, dict]):
+            gdso = done.get("reward/gdso") if run.name in DISTILLED else None
+            teacher = gdso["model"] if gdso is not None else None
+            return _run_key(ctx, run, gdso), _reward_step, (run.name, teacher)
+
+        return make
+
+    def report(name: str, summary: dict) -> None:
+        hpa = summary["eval"]["metrics"]["overall"]["hpa"]
+        gen = summary["eval_generated"]["metrics"]["overall"]["hpa"]
         print(
-            f"  reward/{run.name}: test HPA {hpa if hpa is None else f'{hpa:.3f}'} (renders), "
+            f"  {name}: test HPA {hpa if hpa is None else f'{hpa:.3f}'} (renders), "
             f"{gen if gen is None else f'{gen:.3f}'} (generator samples)"
         )
+
+    # side by side: GDSO and the students distilled from it first (the longest chain), then the others
+    first = ("gdso", *DISTILLED)
+    order = sorted(RUNS, key=lambda r: r.name not in first) if ctx.cfg.threads > 1 else RUNS
+    steps = [
+        Step(f"reward/{r.name}", build(r), ("reward/gdso",) if r.name in DISTILLED else ()) for r in order
+    ]
+    done = run_steps(ctx, steps, ctx.cfg.threads, on_done=report)
+    out = {r.name: done[f"reward/{r.name}"] for r in RUNS}
     hpas = ", ".join(
         f"{r.name} {h:.3f}"
         if (h := out[r.name]["eval"]["metrics"]["overall"]["hpa"]) is not None

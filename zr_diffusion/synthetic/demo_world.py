@@ -96,8 +96,10 @@ def run_world(ctx: Context, folder: Path) -> dict:
 
 def run_vlm(ctx: Context, folder: Path) -> dict:
     """The teacher and the student: built from config, then pretrained on perception (cached apart)."""
+    from zr_diffusion.synthetic.stages import Step, run_steps
+
     cfg = ctx.cfg
-    out = {}
+    steps = []
     for k, (role, size, pretrain) in enumerate(
         (
             ("teacher", cfg.vlm.teacher_size, cfg.vlm.teacher_pretrain),
@@ -114,13 +116,11 @@ def run_vlm(ctx: Context, folder: Path) -> dict:
             "world": ctx.results["world"]["hash"],
             "seed": cfg.seed,
         }
-        out[role] = ctx.cache.run(
-            f"vlm/{role}",
-            key,
-            lambda d, role=role, size=size, pretrain=pretrain, k=k: _build(
-                ctx, d, role, size, pretrain, cfg.seed * 10 + k
-            ),
-        )
+        args = (role, size, pretrain, cfg.seed * 10 + k)
+        steps.append(Step(f"vlm/{role}", lambda done, key=key, args=args: (key, _build, args)))
+    # side by side when the demo has more than one torch thread (one process each)
+    done = run_steps(ctx, steps, cfg.threads)
+    out = {role: done[f"vlm/{role}"] for role in ("teacher", "student")}
     t, s = out["teacher"], out["student"]
     return {
         "line": (

@@ -65,14 +65,16 @@ class PretrainConfig:
     eval_every: int = 50  # held-out loss every this many steps (and at the start and the end)
     short_prompt_fraction: float = 0.0  # share of steps that use the short prompt instead of the teacher's
     vision_lr_scale: float = 1.0  # the vision tower's learning rate is lr x this
+    contents_weight: float = 1.0  # CE weight of the first sentence's tokens (what the image shows)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_images", "val_images", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.vision_lr_scale <= 0:
+        if self.lr <= 0 or self.vision_lr_scale <= 0 or self.contents_weight <= 0:
             raise ValueError(
-                f"pretrain.lr and vision_lr_scale must be > 0, got {self.lr}, {self.vision_lr_scale}"
+                "pretrain.lr, vision_lr_scale and contents_weight must be > 0, got "
+                f"{self.lr}, {self.vision_lr_scale}, {self.contents_weight}"
             )
         if self.corpus not in CORPORA:
             raise ValueError(f"pretrain.corpus={self.corpus!r}: choose one of {list(CORPORA)}")
@@ -138,15 +140,44 @@ def suffix_ids(tokenizer, description: str) -> list[int]:
     return tokenizer.encode(f"{description} {SCORE_MARKER} 1", add_special_tokens=False)[:-1]
 
 
-def _batch_loss(scorer, items: Sequence[PerceptionItem], dims: Sequence[str]) -> torch.Tensor:
-    """Mean next-token CE over the description + marker tokens of every item (per token), in the
-    teacher template of each item's rubric dimension."""
+def contents_token_count(tokenizer, description: str) -> int:
+    """How many leading tokens of :func:`suffix_ids` spell the first sentence ("The image shows … .")."""
+    first = description.split(". ", 1)[0] + "."
+    ids = tokenizer.encode(first, add_special_tokens=False)
+    if suffix_ids(tokenizer, description)[: len(ids)] != ids:
+        raise ValueError(f"the first sentence of {description!r} does not tokenize as a prefix of the whole")
+    return len(ids)
+
+
+def _token_weights(
+    tokenizer, items: Sequence[PerceptionItem], t: int, contents_weight: float
+) -> torch.Tensor:
+    """``[B, T]`` CE weights of right-aligned suffixes of width ``t``: ``contents_weight`` on the first
+    sentence's tokens, 1 on the rest, 0 on padding."""
+    weights = torch.zeros(len(items), t)
+    for i, it in enumerate(items):
+        n = len(suffix_ids(tokenizer, it.description))
+        weights[i, t - n :] = 1.0
+        weights[i, t - n : t - n + contents_token_count(tokenizer, it.description)] = contents_weight
+    return weights
+
+
+def _weighted_mean(token_logp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean next-token CE: ``−Σ w·log π / Σ w`` (w = 0 on padding)."""
+    return -(token_logp * weights).sum() / weights.sum()
+
+
+def _batch_loss(
+    scorer, items: Sequence[PerceptionItem], dims: Sequence[str], contents_weight: float = 1.0
+) -> torch.Tensor:
+    """Next-token CE over the description + marker tokens of every item (per token, the first
+    sentence weighted ``contents_weight``), in the teacher template of each item's rubric dimension."""
     images = torch.from_numpy(np.stack([it.image.transpose(2, 0, 1) for it in items])).float()  # [B, 3, H, W]
     features = scorer.encode_images(images)
     suffixes = [suffix_ids(scorer.tokenizer, it.description) for it in items]
     read = scorer.suffix_readout(features, [it.prompt for it in items], list(dims), suffixes, mode="teacher")
-    mask = read.token_mask.float()  # [B, T]
-    return -(read.token_logprobs * mask).sum() / mask.sum()
+    weights = _token_weights(scorer.tokenizer, items, read.token_mask.shape[1], contents_weight)  # [B, T]
+    return _weighted_mean(read.token_logprobs, weights * read.token_mask.float())
 
 
 def _short_prompt_ids(scorer, size: tuple[int, int]) -> list[int]:
@@ -159,7 +190,7 @@ def _short_prompt_ids(scorer, size: tuple[int, int]) -> list[int]:
     return [int(i) for i in enc["input_ids"][0]]
 
 
-def _short_batch_loss(scorer, items: Sequence[PerceptionItem]) -> torch.Tensor:
+def _short_batch_loss(scorer, items: Sequence[PerceptionItem], contents_weight: float = 1.0) -> torch.Tensor:
     """The same CE after a short instruction instead of the ~220-token scoring prompt: the image is
     next to the text to write, and a step costs about a third."""
     from zr_diffusion.vlm.readout import ChatBatch
@@ -182,8 +213,7 @@ def _short_batch_loss(scorer, items: Sequence[PerceptionItem]) -> torch.Tensor:
     logp = torch.log_softmax(logits[:, :t], dim=-1)
     targets = input_ids[:, length - t :]  # [B, T], right-aligned suffixes
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    mask = (torch.arange(t).unsqueeze(0) >= (t - lengths).unsqueeze(1)).float()  # [B, T]
-    return -(token_logp * mask).sum() / mask.sum()
+    return _weighted_mean(token_logp, _token_weights(scorer.tokenizer, items, t, contents_weight))
 
 
 @torch.no_grad()
@@ -250,9 +280,9 @@ def pretrain_perception(
         dim_idx = torch.randint(len(dims), (cfg.batch_size,), generator=gen).tolist()
         batch = [train_items[i] for i in idx]
         if float(torch.rand((), generator=gen)) < cfg.short_prompt_fraction:
-            loss = _short_batch_loss(scorer, batch)
+            loss = _short_batch_loss(scorer, batch, cfg.contents_weight)
         else:
-            loss = _batch_loss(scorer, batch, [dims[d] for d in dim_idx])
+            loss = _batch_loss(scorer, batch, [dims[d] for d in dim_idx], cfg.contents_weight)
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(
                 f"{desc}: step {step}: loss is {float(loss.detach())}; lower pretrain.lr"

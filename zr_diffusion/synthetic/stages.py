@@ -6,9 +6,10 @@ stages; the stage modules (``demo_world``, ``demo_reward``, ``demo_t2i``, ``repo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,3 +114,119 @@ class Context:
 
     def dir(self, stage: str) -> Path:
         return self.root / stage
+
+
+# --------------------------------------------------------------------------------------------------
+# independent steps of a stage, side by side
+
+
+@dataclass(frozen=True)
+class Step:
+    """One cached step of a stage (``Cache.run(name, ...)``) that may run beside the others.
+
+    ``build(done)`` gets the summaries of the steps named in ``after`` and returns ``(key, fn, args)``:
+    the cache key and a module-level function called as ``fn(ctx, folder, *args)`` (a worker process
+    imports it by name)."""
+
+    name: str
+    build: Callable[[dict[str, dict]], tuple[Any, Callable[..., dict], tuple]]
+    after: tuple[str, ...] = ()
+
+
+def _step_worker(ctx: Context, name: str, key: Any, fn: Callable[..., dict], args: tuple, log: str) -> dict:
+    """A step in a fresh worker process: one torch thread, console output to ``log``."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        return ctx.cache.run(name, key, lambda folder: fn(ctx, folder, *args))
+
+
+def run_steps(
+    ctx: Context,
+    steps: Sequence[Step],
+    workers: int,
+    on_done: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """Run (or reuse) ``steps``; returns ``{name: summary}``. ``workers <= 1``: one after another, in
+    this process. Otherwise up to ``workers`` steps at once, each in a fresh process (spawned, one torch
+    thread, output in ``<root>/<name>.log``): whenever a worker is free, the first step in the order
+    given whose ``after`` steps are done. A step's result does not depend on ``workers`` beyond the torch thread count."""
+    done: dict[str, dict] = {}
+    names = {s.name for s in steps}
+    for step in steps:
+        missing = [a for a in step.after if a not in names]
+        if missing:
+            raise ValueError(f"step {step.name} comes after {missing}, which are not steps of this stage")
+
+    def finish(name: str, summary: dict) -> None:
+        done[name] = summary
+        if on_done is not None:
+            on_done(name, summary)
+
+    if workers <= 1:
+        for step in steps:
+            key, fn, args = step.build(done)
+            finish(
+                step.name,
+                ctx.cache.run(step.name, key, lambda folder, fn=fn, args=args: fn(ctx, folder, *args)),
+            )
+        return done
+
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    waiting = list(steps)
+    running: dict[Any, str] = {}
+    light = Context(ctx.cfg, Cache(ctx.cache.root), ctx.root, ctx.results)  # what a worker gets (pickled)
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the spawned workers at start-up
+    try:
+        with ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+        ) as pool:
+            while waiting or running:
+                while len(running) < workers and (
+                    ready := [s for s in waiting if all(a in done for a in s.after)]
+                ):
+                    step = ready[0]
+                    waiting.remove(step)
+                    key, fn, args = step.build(done)
+                    marker = ctx.cache.marker(step.name)
+                    if marker is not None and marker.get("hash") == config_hash(key):
+                        finish(
+                            step.name,
+                            ctx.cache.run(
+                                step.name, key, lambda folder, fn=fn, args=args: fn(ctx, folder, *args)
+                            ),
+                        )
+                        continue
+                    log = ctx.root / f"{step.name}.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    ctx.cache.log(f"  {step.name}: started (log {log})")
+                    running[pool.submit(_step_worker, light, step.name, key, fn, args, str(log))] = step.name
+                if not running:
+                    if waiting:
+                        raise RuntimeError(
+                            f"steps {[s.name for s in waiting]} wait on steps that never finish"
+                        )
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        summary = future.result()
+                    except Exception as err:
+                        raise RuntimeError(f"{name} failed: {err} (see {ctx.root / f'{name}.log'})") from err
+                    ctx.cache.cached[name] = False
+                    finish(name, summary)
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return done

@@ -214,8 +214,7 @@ def is_sharded(model) -> bool:
 
 # generation_config fields that shape the distribution generate() samples from, at their neutral value
 _NEUTRAL_SAMPLING = dict(
-    min_length=0,
-    min_new_tokens=0,
+    min_new_tokens=0,  # takes precedence over min_length (setting both makes generate() warn each call)
     num_beams=1,
     num_beam_groups=1,
     diversity_penalty=0.0,
