@@ -228,8 +228,8 @@ class T2ISettings:
     is trained on top of the SFT model (its LoRA fused in), as the paper tunes its SFT model.
     """
 
-    # the library's GeneratorConfig with fewer steps: the demo's time budget (its loss is flat by ~1100)
-    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(steps=1600, vae_steps=200))
+    # the library's GeneratorConfig with fewer steps: the demo's time budget (its loss is flat by ~1100 steps)
+    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(steps=1200, vae_steps=200))
     gate: GeneratorGate = field(default_factory=GeneratorGate)
     sft: dict[str, Any] = field(default_factory=_t2i_sft)
     zreward: dict[str, Any] = field(default_factory=_t2i_zreward)

@@ -159,13 +159,10 @@ def _zreward(ctx: Context, folder: Path, pipeline: str, sft_lora: str, reward_mo
 
 
 def scenes_by_prompt(data: Path) -> dict:
-    from zr_diffusion.synthetic.world import Scene
+    """Every prompt of the world dataset at ``data`` (all splits) and its scene (:func:`gates.prompt_scenes`)."""
+    from zr_diffusion.synthetic.gates import prompt_scenes
 
-    out = {}
-    for line in (data / "images.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["prompt"], Scene(**row["scene"]))
-    return out
+    return prompt_scenes([json.loads(line) for line in (data / "images.jsonl").read_text().splitlines()])
 
 
 def _gsb(ctx: Context, folder: Path, variants: dict, reward_model: str) -> dict:
