@@ -334,6 +334,20 @@ def test_smoke_study_writes_seed_rows_cis_and_verdict_rows(smoke_run):
     assert "stage world: cached (" in log0 and "stage vlm: cached (" in log0
     assert "stage world: cached" not in (out.parent / "seed-1" / "demo.log").read_text()
     lines = path.read_text().splitlines()
+    # the gates come first: a row per gate of each seed's metrics.json, a pass / FAIL cell per seed,
+    # and any failed gate named above the table
+    gates_at = lines.index("## Gates: preconditions on the shared base models, per seed")
+    assert gates_at < min(i for i, line in enumerate(lines) if line.startswith("## ") and i != gates_at)
+    assert "| gate | measured on | threshold | seed 0 | seed 1 |" in lines
+    for seed in (0, 1):
+        names = [
+            g["gate"] for g in json.loads((out.parent / f"seed-{seed}" / "metrics.json").read_text())["gates"]
+        ]
+        for name in names:
+            row = next(line for line in lines if line.startswith(f"| {name} | "))
+            assert row.count(" pass") + row.count("**FAIL**") == 2, row
+    if any("**FAIL**" in line for line in lines[gates_at:] if line.startswith("| ")):
+        assert any(line.startswith("> **") and "gate(s) FAILED" in line for line in lines[gates_at:])
     for seed in (0, 1):
         for run in RUNS:
             assert sum(line.startswith(f"| {seed} | {run.label} | ") for line in lines) == 1, (seed, run)

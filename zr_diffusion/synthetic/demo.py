@@ -422,7 +422,7 @@ def _run_seeds_in_parallel(configs: dict[int, DemoConfig], fresh: bool, jobs: in
 
 def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: int = 1) -> Path:
     """Run (or reuse) the demo once per seed into ``<output_dir>/seed-<k>``, then write
-    ``<output_dir>/study.md``: per-seed rows, CIs and verdicts, reward models then generator
+    ``<output_dir>/study.md``: each seed's gates, per-seed rows, CIs and verdicts, reward models then generator
     (synthetic/study_report.py). ``jobs > 1`` runs that many seeds at once, each in its own process
     with ``threads // jobs`` torch threads (at least 1; another thread count may change the last bits
     of floating-point sums, so compare seeds run with the same count). Then (``sweep.enabled``) each
@@ -432,6 +432,7 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: in
     from zr_diffusion.synthetic.demo_reward import RUNS
     from zr_diffusion.synthetic.overopt import study_sweep_markdown
     from zr_diffusion.synthetic.study_report import (
+        gates_study_markdown,
         generated_hpa_markdown,
         generator_study_markdown,
         reward_study_markdown,
@@ -454,7 +455,9 @@ def study(cfg: DemoConfig, seeds: tuple[int, ...], fresh: bool = False, jobs: in
     head = f"# zr demo study: preset {cfg.preset}, seeds {', '.join(map(str, seeds))}\n\n"
     body = "".join(f"- seed {s}: {dirs[s] / 'report.md'}\n" for s in seeds)
     tables = (
-        reward_study_markdown(dirs, labels, cfg.study)
+        gates_study_markdown(dirs)
+        + "\n"
+        + reward_study_markdown(dirs, labels, cfg.study)
         + "\n"
         + generated_hpa_markdown(dirs, labels, cfg.study)
         + "\n"

@@ -37,6 +37,7 @@ __all__ = [
     "Claim",
     "GeneratorItems",
     "SeedPairs",
+    "gates_study_markdown",
     "generated_hpa_markdown",
     "generator_study_markdown",
     "load_generator_items",
@@ -271,6 +272,51 @@ class GeneratorItems(NamedTuple):
     prompts: list[str]  # [N]
     gsb: np.ndarray  # [N] +1 / 0 / −1: the raters' majority verdict, Z-Reward vs SFT
     oracle_diff: dict[str, np.ndarray]  # dimension -> [N] oracle score Z-Reward − SFT, same noise
+
+
+def gates_study_markdown(seed_dirs: Mapping[int, Path]) -> str:
+    """Every seed's precondition gates (issue 12 §1), from its ``metrics.json``: one row per gate, one
+    column per seed; the gates that failed in any seed are stated first, above the table."""
+    seeds = sorted(seed_dirs)
+    rows: dict[int, dict[str, dict]] = {}
+    for s in seeds:
+        path = Path(seed_dirs[s]) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (run the demo's report stage for seed {s} first)")
+        gates = json.loads(path.read_text()).get("gates")
+        if not gates:
+            raise ValueError(f"{path}: no 'gates' list (written by a demo older than the gates)")
+        rows[s] = {g["gate"]: g for g in gates}
+    names = list(dict.fromkeys(name for s in seeds for name in rows[s]))
+    lines = ["## Gates: preconditions on the shared base models, per seed", ""]
+    failed = [
+        f"{name} (seed {', '.join(str(s) for s in seeds if not rows[s].get(name, {}).get('passed', False))})"
+        for name in names
+        if not all(rows[s].get(name, {}).get("passed", False) for s in seeds)
+    ]
+    if failed:
+        lines += [
+            f"> **{len(failed)} of {len(names)} gate(s) FAILED: {'; '.join(failed)}.** The comparisons below "
+            "rest on a precondition that does not hold; read them as such.",
+            "",
+        ]
+    head = ["gate", "measured on", "threshold", *(f"seed {s}" for s in seeds)]
+    lines += ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(seeds)]
+    for name in names:
+        measured = [rows[s][name] for s in seeds if name in rows[s]]
+        same_on = len({g["on"] for g in measured}) == 1  # else each cell says what it was measured on
+        cells = []
+        for s in seeds:
+            g = rows[s].get(name)
+            if g is None:
+                cells.append("(not measured)")
+                continue
+            cells.append(
+                f"{g['value']} {'pass' if g['passed'] else '**FAIL**'}" + ("" if same_on else f" ({g['on']})")
+            )
+        on = measured[0]["on"] if same_on else "(per seed)"
+        lines.append("| " + " | ".join([name, on, measured[0]["threshold"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def load_generator_items(folder: Path) -> GeneratorItems:
