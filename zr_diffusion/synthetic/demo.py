@@ -79,8 +79,8 @@ class VLMSettings:
     # The processor's pixel budget: images are resized to at least this side (a 48 px world image is
     # upsampled to 112 px: 8 x 8 patches of 14 px, 16 vision tokens; the family's default gives 4).
     min_image_side: int = 112
-    teacher_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(1200))
-    student_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(1000))
+    teacher_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(2000))
+    student_pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(2000))
     # greedy descriptions of validation renders, scored word by word (at 128, one accuracy near 0.9
     # has a 95% CI of about ±0.05)
     perception_eval_images: int = 128
