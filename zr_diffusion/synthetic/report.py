@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -285,19 +286,30 @@ def vlm_gate_rows(ctx: Context) -> list[dict]:
     return rows
 
 
+def gate_result(passed: bool) -> str:
+    """A gate's result cell."""
+    return "pass" if passed else "**FAIL**"
+
+
+def failed_gates_banner(failed: Sequence[str], total: int | None = None) -> list[str]:
+    """The lines that state failed gates first, above the gate table (none when no gate failed)."""
+    if not failed:
+        return []
+    count = f"{len(failed)}" if total is None else f"{len(failed)} of {total}"
+    return [
+        f"> **{count} gate(s) FAILED: {'; '.join(failed)}.** The comparisons below rest on a "
+        "precondition that does not hold; read them as such.",
+        "",
+    ]
+
+
 def _gates_section(ctx: Context) -> list[str]:
     rows = gate_rows(ctx)
-    failed = [r["gate"] for r in rows if not r["passed"]]
     lines = ["## Gates: preconditions on the shared base models", ""]
-    if failed:
-        lines += [
-            f"> **{len(failed)} gate(s) FAILED: {'; '.join(failed)}.** The comparisons below rest on a "
-            "precondition that does not hold; read them as such.",
-            "",
-        ]
+    lines += failed_gates_banner([r["gate"] for r in rows if not r["passed"]])
     lines += ["| gate | measured on | value | threshold | result |", "|---|---|---:|---:|---|"]
     lines += [
-        f"| {r['gate']} | {r['on']} | {r['value']} | {r['threshold']} | {'pass' if r['passed'] else '**FAIL**'} |"
+        f"| {r['gate']} | {r['on']} | {r['value']} | {r['threshold']} | {gate_result(r['passed'])} |"
         for r in rows
     ]
     return lines + [""]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from zr_diffusion.synthetic.report import failed_gates_banner, gate_result
 from zr_diffusion.synthetic.study import (
     Interval,
     StudySettings,
@@ -288,32 +289,22 @@ def gates_study_markdown(seed_dirs: Mapping[int, Path]) -> str:
             raise ValueError(f"{path}: no 'gates' list (written by a demo older than the gates)")
         rows[s] = {g["gate"]: g for g in gates}
     names = list(dict.fromkeys(name for s in seeds for name in rows[s]))
+    failing = {n: [s for s in seeds if not rows[s].get(n, {}).get("passed", False)] for n in names}
     lines = ["## Gates: preconditions on the shared base models, per seed", ""]
-    failed = [
-        f"{name} (seed {', '.join(str(s) for s in seeds if not rows[s].get(name, {}).get('passed', False))})"
-        for name in names
-        if not all(rows[s].get(name, {}).get("passed", False) for s in seeds)
-    ]
-    if failed:
-        lines += [
-            f"> **{len(failed)} of {len(names)} gate(s) FAILED: {'; '.join(failed)}.** The comparisons below "
-            "rest on a precondition that does not hold; read them as such.",
-            "",
-        ]
+    lines += failed_gates_banner(
+        [f"{n} (seed {', '.join(map(str, failing[n]))})" for n in names if failing[n]], total=len(names)
+    )
     head = ["gate", "measured on", "threshold", *(f"seed {s}" for s in seeds)]
     lines += ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(seeds)]
     for name in names:
         measured = [rows[s][name] for s in seeds if name in rows[s]]
         same_on = len({g["on"] for g in measured}) == 1  # else each cell says what it was measured on
-        cells = []
-        for s in seeds:
-            g = rows[s].get(name)
-            if g is None:
-                cells.append("(not measured)")
-                continue
-            cells.append(
-                f"{g['value']} {'pass' if g['passed'] else '**FAIL**'}" + ("" if same_on else f" ({g['on']})")
-            )
+        cells = [
+            "(not measured)"
+            if (g := rows[s].get(name)) is None
+            else f"{g['value']} {gate_result(g['passed'])}" + ("" if same_on else f" ({g['on']})")
+            for s in seeds
+        ]
         on = measured[0]["on"] if same_on else "(per seed)"
         lines.append("| " + " | ".join([name, on, measured[0]["threshold"], *cells]) + " |")
     return "\n".join(lines) + "\n"
